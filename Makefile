@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs multissl, runs the tiny recipes on the embedded data (offline)
+#   make test   creates .venv, installs multissl with dev extras, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/multissl demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_text.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,139 @@
+"""``multissl pretrain RECIPE ...`` and ``multissl demo``.
+
+Errors caused by input (config, data, paths) print as one line and exit with status 2; an
+interrupted run exits with 130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from multissl.errors import MultiSSLError, TrainingInterrupted
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress bar and results, not library chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run a recipe's main with one-line errors; exit codes: 0 ok, 2 bad input, 130 interrupted."""
+    quiet_libraries()
+    try:
+        main(argv)
+    except TrainingInterrupted as err:
+        print(f"multissl: {err}", file=sys.stderr)
+        sys.exit(130)
+    except MultiSSLError as err:
+        print(f"multissl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return 0
+
+
+def load_recipe(name: str) -> Any:
+    from recipes import RECIPES
+
+    if name not in RECIPES:
+        import difflib
+
+        close = difflib.get_close_matches(name, RECIPES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MultiSSLError(f"unknown recipe {name!r}{hint}; available: {', '.join(RECIPES)}")
+    return importlib.import_module(f"recipes.{name}")
+
+
+def demo(output_dir: str, steps: int | None) -> list[dict[str, Any]]:
+    """Run the tiny presets on the embedded data and print what they achieved."""
+    results = []
+    for name in ("mlm", "clm"):
+        recipe = load_recipe(name)
+        args = [f"trainer.output_dir={Path(output_dir) / name}"]
+        if steps:
+            args.append(f"trainer.max_steps={steps}")
+        print(f"\n== {name}: tiny preset on the embedded corpus ==", flush=True)
+        result = recipe.main(args)
+        history = result.history
+        throughput = [r["throughput/samples_per_s"] for r in history if "throughput/samples_per_s" in r]
+        tokens = [r["throughput/tokens_per_s"] for r in history if "throughput/tokens_per_s" in r]
+        first_eval = next((r for r in history if "eval/loss" in r), {})
+        results.append({
+            "recipe": name,
+            "first train loss": result.first_train_loss,
+            "first eval loss": first_eval.get("eval/loss"),
+            "final eval loss": result.final_metrics.get("loss"),
+            "perplexity": result.final_metrics.get("perplexity"),
+            "accuracy": result.final_metrics.get("masked_accuracy", result.final_metrics.get("next_token_accuracy")),
+            "tokens/s": sorted(tokens)[len(tokens) // 2] if tokens else None,
+            "samples/s": sorted(throughput)[len(throughput) // 2] if throughput else None,
+            "output": str(Path(output_dir) / name / "model"),
+            "samples": result.final_metrics.get("samples"),
+        })
+    print_results(results)
+    return results
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    cols = ["recipe", "first eval loss", "final eval loss", "perplexity", "accuracy", "tokens/s"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    print("\nResults (eval = held-out split; loss before = at step 0):")
+    for i, row in enumerate(table):
+        print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    for r in results:
+        print(f"  {r['recipe']} model: {r['output']}  (loads with transformers' from_pretrained)")
+        for s in r.get("samples") or []:
+            print(f"    sample: {s!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="multissl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="run a pretraining recipe", add_help=False)
+    p.add_argument("recipe")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="[--config FILE] [key=value ...]")
+    d = sub.add_parser("demo", help="tiny MLM and CLM runs on the embedded corpus, then a results table")
+    d.add_argument("--output-dir", default="outputs/demo")
+    d.add_argument("--steps", type=int, default=None, help="override each preset's max_steps")
+    sub.add_parser("recipes", help="list the recipes and their shipped configs")
+    ns = parser.parse_args(argv)
+
+    quiet_libraries()
+    try:
+        if ns.command == "pretrain":
+            recipe = load_recipe(ns.recipe)
+            return run_recipe(recipe.main, ns.args)
+        if ns.command == "demo":
+            demo(ns.output_dir, ns.steps)
+            return 0
+        from recipes import RECIPES
+
+        root = Path(importlib.import_module("recipes").__file__).parent / "configs"
+        for name in RECIPES:
+            configs = sorted(p.name for p in (root / name).glob("*.yaml"))
+            print(f"{name}: {', '.join(configs)}")
+        return 0
+    except TrainingInterrupted as err:
+        print(f"multissl: {err}", file=sys.stderr)
+        return 130
+    except MultiSSLError as err:
+        print(f"multissl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Embedded demo data, made offline from what every Python installation carries.
+
+Text: CPython's bundled ``pydoc_data.topics`` (the language reference's help topics, ~65k words of
+English with code), split into paragraphs, each kept with the topic it comes from.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+
+def python_doc_paragraphs(min_words: int = 4) -> list[dict[str, str]]:
+    """Paragraphs of the CPython help topics as ``{"text", "topic"}`` rows, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    rows = []
+    for topic in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[topic]):
+            text = " ".join(para.split())
+            if len(text.split()) >= min_words and not set(text) <= set("*=-~^ "):
+                rows.append({"text": text, "topic": topic})
+    return rows
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Stable, order-independent split: a paragraph's CRC decides its side."""
+    return (zlib.crc32(text.encode("utf-8")) % 10_000) < fraction * 10_000
+
+
+def demo_text_splits(validation_fraction: float = 0.05):
+    """``(train, validation)`` `datasets.Dataset`s of the embedded corpus."""
+    from datasets import Dataset
+
+    rows = python_doc_paragraphs()
+    train = [r for r in rows if not is_heldout(r["text"], validation_fraction)]
+    held = [r for r in rows if is_heldout(r["text"], validation_fraction)]
+    as_cols = lambda rs: {"text": [r["text"] for r in rs], "topic": [r["topic"] for r in rs]}  # noqa: E731
+    return Dataset.from_dict(as_cols(train)), Dataset.from_dict(as_cols(held))

@@ -1,0 +1,179 @@
+"""Deterministic, resumable, sharded batching.
+
+Every batch carries a seed derived from ``(seed, split, epoch, batch number)``; collators draw all
+their randomness (masks, negatives, crops) from a generator made from that seed. So a batch is the
+same whether it is built in the main process or a worker, on one process or many, in a straight
+run or after a resume — which is what makes "resume exactly" true for masking objectives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+
+def batch_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]) >> 1
+
+
+class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this process's batches of ``(index, batch_seed)`` for one epoch.
+
+    The order is a permutation seeded by ``(seed, epoch)``; global batch ``b`` goes to process
+    ``b % world_size``. Training drops the batches that would leave processes with unequal counts
+    (DDP needs the same number of steps everywhere); eval keeps every sample exactly once.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        split_tag: int = 0,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError("cannot batch an empty dataset")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.rank, self.world_size, self.split_tag = rank, world_size, split_tag
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _global_batches(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        n = full if (self.drop_last or rest == 0) else full + 1
+        if self.drop_last:  # equal counts on every process
+            n -= n % self.world_size
+        return n
+
+    def __len__(self) -> int:
+        n = self._global_batches()
+        return len(range(self.rank, n, self.world_size))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(batch_seed(self.seed, self.split_tag, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        n = self._global_batches()
+        mine = range(self.rank, n, self.world_size)
+        for local_i, b in enumerate(mine):
+            if local_i < self.start_batch:
+                continue
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            s = batch_seed(self.seed, self.split_tag, self.epoch, b)
+            yield [(i, s) for i in idx]
+
+
+class KeyedDataset(Dataset):
+    """Fetches a whole batch at once (one Arrow read for `datasets`) and passes its seed along."""
+
+    def __init__(self, data: Sequence[Any]) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[dict[str, Any]], int]:
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], int]:
+        indices = [k[0] for k in keys]
+        return rows(self.data, indices), keys[0][1]
+
+
+def rows(data: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """Rows of a `datasets.Dataset` (read as one columnar slice) or any indexable sequence."""
+    if hasattr(data, "column_names"):
+        cols = data[indices]
+        names = list(cols)
+        return [dict(zip(names, vals)) for vals in zip(*(cols[n] for n in names))]
+    return [data[i] for i in indices]
+
+
+class SeededCollate:
+    """Builds a ``torch.Generator`` from the batch seed and calls the objective's collator."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]], torch.Generator], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, item: tuple[list[dict[str, Any]], int]) -> Any:
+        samples, seed = item
+        return self.collate(samples, torch.Generator().manual_seed(seed))
+
+
+class SeededStream(IterableDataset):
+    """Streaming counterpart: groups an iterable into batches, each tagged with its seed.
+
+    Resume skips the consumed batches by reading past them (streams cannot seek).
+    """
+
+    def __init__(self, source: Any, batch_size: int, *, seed: int, split_tag: int = 0, rank: int = 0) -> None:
+        self.source, self.batch_size = source, batch_size
+        self.seed, self.split_tag, self.rank = seed, split_tag, rank
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], int]]:
+        it = iter(self.source)
+        b = 0
+        while True:
+            chunk = list(itertools.islice(it, self.batch_size))
+            if not chunk:
+                return
+            if b >= self.start_batch:
+                yield chunk, batch_seed(self.seed, self.split_tag, self.epoch, b, self.rank)
+            b += 1
+
+
+def make_loader(
+    data: Any,
+    batch_size: int,
+    collate: Callable[[list[dict[str, Any]], torch.Generator], Any],
+    *,
+    seed: int,
+    shuffle: bool,
+    drop_last: bool,
+    rank: int,
+    world_size: int,
+    split_tag: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, Any]:
+    """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it."""
+    common: dict[str, Any] = {
+        "collate_fn": SeededCollate(collate),
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": False,
+    }
+    if num_workers > 0:
+        common["prefetch_factor"] = 4
+    if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
+        stream = SeededStream(data, batch_size, seed=seed, split_tag=split_tag, rank=rank)
+        return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
+    sampler = ShardedBatchSampler(
+        len(data), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+        rank=rank, world_size=world_size, split_tag=split_tag,
+    )
+    return DataLoader(KeyedDataset(data), batch_sampler=sampler, **common), sampler

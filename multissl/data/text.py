@@ -1,0 +1,332 @@
+"""Text corpora -> tokenizer -> packed fixed-length blocks, all through `datasets`.
+
+Documents are tokenized in batches (in parallel with ``num_proc``; cached by `datasets` for file
+sources), joined with a separator token and cut into blocks of ``max_seq_len`` so that padding is
+about zero: only the last block of each map batch can be short, and no token is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from multissl.errors import ConfigError, DataError
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+PACK_BATCH = 1000  # documents per map batch: one possibly-short block per this many documents
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how it becomes model inputs."""
+
+    files: list[str] = field(default_factory=list)
+    """Local files or folders (.txt .jsonl .json .csv .tsv .parquet); empty with no dataset = the embedded corpus."""
+    dataset: str = ""
+    """A Hub dataset id (or a local dataset folder) for datasets.load_dataset."""
+    dataset_config: str = ""
+    split: str = "train"
+    eval_split: str = ""
+    """A named eval split of `dataset`; empty = hold out validation_fraction of the training documents."""
+    eval_files: list[str] = field(default_factory=list)
+    validation_fraction: float = 0.05
+    text_column: str = "text"
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """How a .txt file splits into documents."""
+    tokenizer: str = ""
+    """A local tokenizer folder or Hub id; empty = train one on the corpus (saved with the model)."""
+    vocab_size: int = 8192
+    lowercase: bool = False
+    """Lowercase text in a trained WordPiece tokenizer (BERT-uncased style)."""
+    tokenizer_train_docs: int = 200_000
+    max_seq_len: int = 128
+    streaming: bool = False
+    """Stream the corpus instead of loading it (no length: trainer.max_steps is required)."""
+    shuffle_buffer: int = 10_000
+    num_proc: int = 0
+    """Processes for tokenization; 0 = one."""
+    max_documents: int = 0
+    """Use only the first N documents (0 = all); handy for quick runs."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len must be >= 8, got {self.max_seq_len}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.files and self.dataset:
+            raise ConfigError("set either data.files or data.dataset, not both")
+
+
+@dataclass
+class TextData:
+    tokenizer: Any
+    train: Any
+    eval: Any | None
+    source: str
+
+
+# ------------------------------------------------------------------------------- loading
+def expand_files(paths: list[str], what: str = "data.files") -> list[Path]:
+    """Files named directly or found (recursively, sorted) in named folders."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
+            if not found:
+                raise DataError(f"{what}: folder {p} holds no {'/'.join(sorted(BUILDERS))} files")
+            out.extend(found)
+        elif p.is_file():
+            if p.suffix.lower() not in BUILDERS:
+                raise DataError(f"{what}: {p}: unsupported file type {p.suffix!r}; use one of {', '.join(sorted(BUILDERS))}")
+            out.append(p)
+        else:
+            raise DataError(f"{what}: no such file or folder: {p}")
+    return out
+
+
+def _builder_for(files: list[Path], what: str) -> str:
+    builders = {BUILDERS[f.suffix.lower()] for f in files}
+    if len(builders) > 1:
+        raise DataError(f"{what}: mixes file types ({', '.join(sorted({f.suffix for f in files}))}); use one kind per corpus")
+    return builders.pop()
+
+
+def _first_undecodable(files: list[Path]) -> tuple[Path, int] | None:
+    """The first file (and byte offset) that is not UTF-8, to name it in the error."""
+    for f in files:
+        if f.suffix.lower() == ".parquet":
+            continue
+        data = f.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f, err.start
+    return None
+
+
+def load_files(files: list[Path], cfg: TextDataConfig, what: str, streaming: bool) -> Any:
+    import datasets
+
+    builder = _builder_for(files, what)
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        kwargs["sample_by"] = cfg.sample_by
+    if builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
+        kwargs["sep"] = "\t"
+    bad = _first_undecodable(files) if builder != "parquet" and not streaming else None
+    if bad:
+        raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); re-encode it as UTF-8")
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs)
+    except UnicodeDecodeError:
+        bad = _first_undecodable(files)
+        where = f"{bad[0]} (byte {bad[1]})" if bad else ", ".join(map(str, files))
+        raise DataError(f"{where}: not valid UTF-8; re-encode it as UTF-8") from None
+    except Exception as err:  # datasets wraps parser errors in several exception types
+        if isinstance(err, DataError):
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {msg}") from None
+
+
+def load_hub(cfg: TextDataConfig, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split, streaming=cfg.streaming)
+    except Exception as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.dataset={cfg.dataset!r} split {split!r}: {msg}") from None
+
+
+def _check_column(ds: Any, column: str, source: str) -> None:
+    names = getattr(ds, "column_names", None)
+    if names is not None and column not in names:
+        raise DataError(f"{source}: no column {column!r} (columns: {', '.join(names)}); set data.text_column")
+
+
+def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
+    """Raw ``(train, eval, source description)`` datasets with a text column, empties dropped."""
+    from multissl.data.demo import demo_text_splits
+
+    if cfg.files:
+        files = expand_files(cfg.files)
+        train, source = load_files(files, cfg, "data.files", cfg.streaming), ", ".join(cfg.files)
+    elif cfg.dataset:
+        train, source = load_hub(cfg, cfg.split), cfg.dataset
+    else:
+        train, held = demo_text_splits(cfg.validation_fraction)
+        if cfg.streaming:
+            train, held = train.to_iterable_dataset(), held.to_iterable_dataset()
+        return _clean(train, "text", "demo corpus", cfg), _clean(held, "text", "demo corpus", cfg), "python-docs (embedded)"
+
+    _check_column(train, cfg.text_column, source)
+    eval_ds = None
+    if cfg.eval_files:
+        eval_ds = load_files(expand_files(cfg.eval_files, "data.eval_files"), cfg, "data.eval_files", cfg.streaming)
+        _check_column(eval_ds, cfg.text_column, "data.eval_files")
+    elif cfg.eval_split:
+        eval_ds = load_hub(cfg, cfg.eval_split)
+        _check_column(eval_ds, cfg.text_column, f"{source} split {cfg.eval_split}")
+    train = _clean(train, cfg.text_column, source, cfg)
+    eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg) if eval_ds is not None else None
+    if eval_ds is None and cfg.validation_fraction > 0:
+        if cfg.streaming:
+            n_eval = 1000
+            eval_ds, train = train.take(n_eval), train.skip(n_eval)
+        else:
+            if len(train) < 2:
+                raise DataError(f"{source}: only {len(train)} non-empty document(s); need at least 2 to hold out validation")
+            parts = train.train_test_split(test_size=max(1, int(round(cfg.validation_fraction * len(train)))), seed=seed)
+            train, eval_ds = parts["train"], parts["test"]
+    return train, eval_ds, source
+
+
+def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig) -> Any:
+    """Keep only the text column; drop empty documents; cap the count when asked."""
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    names = getattr(ds, "column_names", None)
+    if names:
+        ds = ds.remove_columns([c for c in names if c != "text"])
+    if cfg.max_documents:
+        ds = ds.take(cfg.max_documents) if not hasattr(ds, "__len__") else ds.select(range(min(cfg.max_documents, len(ds))))
+    ds = ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)
+    if hasattr(ds, "__len__") and len(ds) == 0:
+        raise DataError(f"{source}: the corpus is empty (no non-empty text in column {column!r})")
+    return ds
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Any, kind: Literal["mlm", "clm"], vocab_size: int, max_len: int, lowercase: bool) -> Any:
+    """WordPiece (BERT-style specials) for MLM, byte-level BPE for CLM, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "mlm":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2)
+        tok.train_from_iterator(texts, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_len,
+        )
+    specials = ["<|endoftext|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=max_len,
+    )
+
+
+def get_tokenizer(cfg: TextDataConfig, kind: Literal["mlm", "clm"], train: Any, save_dir: Path) -> Any:
+    """The configured tokenizer, the one saved by an earlier run in ``save_dir``, or a new one."""
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        except Exception as err:
+            raise DataError(f"data.tokenizer={cfg.tokenizer!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    elif (save_dir / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(save_dir)
+    else:
+        def texts():
+            for i, row in enumerate(train):
+                if i >= cfg.tokenizer_train_docs:
+                    return
+                yield row["text"]
+
+        tok = train_tokenizer(texts(), kind, cfg.vocab_size, cfg.max_seq_len, cfg.lowercase)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(save_dir)
+    needed = ["mask_token", "cls_token", "sep_token", "pad_token"] if kind == "mlm" else ["eos_token"]
+    missing = [t for t in needed if getattr(tok, t, None) is None]
+    if missing:
+        raise DataError(f"data.tokenizer={cfg.tokenizer!r} has no {', '.join(missing)}, which {kind.upper()} needs")
+    if kind == "clm" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# -------------------------------------------------------------------------------- packing
+def pack_ids(docs: list[list[int]], block: int, sep: int | None) -> list[list[int]]:
+    """Concatenate documents (each followed by ``sep``) and cut into ``block``-long pieces.
+
+    Every token is kept; only the last piece may be shorter than ``block``.
+    """
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(d)
+        if sep is not None:
+            stream.append(sep)
+    return [stream[i : i + block] for i in range(0, len(stream), block)]
+
+
+def packer(tokenizer: Any, kind: Literal["mlm", "clm"], max_seq_len: int):
+    """A batched map function: ``{"text": [...]}`` -> ``{"input_ids": [blocks]}``."""
+    if kind == "mlm":
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+
+        def pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [[cls, *b, sep] for b in pack_ids(ids, max_seq_len - 2, sep) if b]}
+    else:
+        eos = tokenizer.eos_token_id
+
+        def pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": pack_ids(ids, max_seq_len, eos)}
+
+    return pack
+
+
+def tokenize_and_pack(ds: Any, tokenizer: Any, kind: Literal["mlm", "clm"], cfg: TextDataConfig) -> Any:
+    fn = packer(tokenizer, kind, cfg.max_seq_len)
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": PACK_BATCH, "remove_columns": ["text"]}
+    if hasattr(ds, "__len__"):
+        if cfg.num_proc > 1:
+            kwargs["num_proc"] = cfg.num_proc
+        kwargs["desc"] = "tokenizing and packing"
+    return ds.map(fn, **kwargs)
+
+
+def prepare_text(cfg: TextDataConfig, kind: Literal["mlm", "clm"], output_dir: str | Path, seed: int, trainer: Any = None) -> TextData:
+    """Load, tokenize and pack a corpus for ``kind``; the tokenizer is saved in ``output_dir/tokenizer``."""
+    import contextlib
+
+    first = trainer.main_process_first() if trainer is not None else contextlib.nullcontext()
+    with first:
+        train, eval_raw, source = load_raw(cfg, seed)
+        tokenizer = get_tokenizer(cfg, kind, train, Path(output_dir) / "tokenizer")
+        train_blocks = tokenize_and_pack(train, tokenizer, kind, cfg)
+        eval_blocks = tokenize_and_pack(eval_raw, tokenizer, kind, cfg) if eval_raw is not None else None
+    if cfg.streaming:
+        train_blocks = train_blocks.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+        if trainer is not None and trainer.accelerator.num_processes > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            acc = trainer.accelerator
+            train_blocks = split_dataset_by_node(train_blocks, rank=acc.process_index, world_size=acc.num_processes)
+            if eval_blocks is not None:
+                eval_blocks = split_dataset_by_node(eval_blocks, rank=acc.process_index, world_size=acc.num_processes)
+    elif len(train_blocks) == 0:
+        raise DataError(f"{source}: no training blocks after tokenization")
+    return TextData(tokenizer, train_blocks, eval_blocks, source)

@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class MultiSSLError(Exception):
+    """An error caused by the user's input (config, data, paths), not by a bug."""
+
+
+class ConfigError(MultiSSLError):
+    """An unknown, mistyped or inconsistent configuration value."""
+
+
+class DataError(MultiSSLError):
+    """A missing, unreadable, empty or malformed data source."""
+
+
+class TrainingError(MultiSSLError):
+    """Training cannot go on (e.g. the loss kept being non-finite)."""
+
+
+class TrainingInterrupted(MultiSSLError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""

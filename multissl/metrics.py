@@ -1,0 +1,101 @@
+"""Metric values an objective returns, their accumulation, and the JSONL log.
+
+An objective returns plain scalar tensors (averaged over batches) or ``Mean(total, count)`` for
+values that must be weighted by how many items they cover (tokens, masked frames, pairs), so that
+the eval loss is exact whatever the batch and process split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Mean:
+    """A weighted mean kept as ``total / count`` so it can be summed over batches and processes."""
+
+    total: torch.Tensor
+    count: torch.Tensor | float
+
+    @property
+    def value(self) -> torch.Tensor:
+        count = self.count if isinstance(self.count, torch.Tensor) else torch.tensor(float(self.count))
+        return self.total / count.clamp_min(1e-12).to(self.total.device)
+
+
+def scalar(value: torch.Tensor | Mean) -> torch.Tensor:
+    """The tensor a metric stands for (a Mean's ratio)."""
+    return value.value if isinstance(value, Mean) else value
+
+
+class MetricSums:
+    """Running ``(total, count)`` per metric name, reduced across processes in one collective."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self._pending: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, Mean):
+                total, count = value.total.detach().float(), value.count
+            elif isinstance(value, torch.Tensor):
+                total, count = value.detach().float(), 1.0
+            elif isinstance(value, (int, float)):
+                total, count = torch.tensor(float(value)), 1.0
+            else:
+                continue
+            count_t = count.detach().float() if isinstance(count, torch.Tensor) else torch.tensor(float(count))
+            self._pending.setdefault(name, []).append(torch.stack([total.reshape(()), count_t.to(total.device)]))
+
+    def reduce(self, accelerator: Any | None) -> dict[str, float]:
+        """Sum over batches (and processes, when an accelerator is given); return the means."""
+        names = sorted(self._pending)
+        if not names:
+            return {}
+        device = accelerator.device if accelerator is not None else torch.device("cpu")
+        stacked = torch.stack([torch.stack(self._pending[n]).to(device).sum(0) for n in names])
+        if accelerator is not None and accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="sum")
+        stacked = stacked.cpu().double()
+        self._pending.clear()
+        return {n: float(t / c) if c > 0 else float("nan") for n, (t, c) in zip(names, stacked.tolist())}
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class JsonlWriter:
+    """Appends one JSON object a line; on resume, drops lines past the resumed step."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

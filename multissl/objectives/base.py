@@ -1,0 +1,70 @@
+"""The objective interface: everything the trainer needs to know about a method.
+
+An objective joins a model with its loss (as open_clip's task objects and fairseq2's train units
+do): it collates samples into batches (in DataLoader workers), turns a batch into named losses and
+metrics, summarises eval metrics, and saves the final model in its ecosystem's format. The trainer
+stays modality-agnostic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multissl.metrics import Mean
+
+Batch = dict[str, torch.Tensor]
+StepOutput = dict[str, "torch.Tensor | Mean"]
+
+
+class Objective:
+    """Base class; subclasses set ``self.model`` and implement ``collate`` and ``compute``."""
+
+    name: str = "objective"
+    model: nn.Module
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> Batch:
+        """Samples -> batch. ``generator`` is seeded per batch: use it for all randomness."""
+        raise NotImplementedError
+
+    def collate_eval(self, samples: list[dict[str, Any]], generator: torch.Generator) -> Batch:
+        return self.collate(samples, generator)
+
+    def compute(self, model: nn.Module, batch: Batch) -> StepOutput:
+        """Forward a batch through ``model`` (possibly DDP-wrapped); return ``{"loss": ..., **metrics}``."""
+        raise NotImplementedError
+
+    def count(self, batch: Batch) -> dict[str, int]:
+        """Units of work in a batch for throughput: ``samples`` and optionally ``tokens``."""
+        first = next(iter(batch.values()))
+        return {"samples": int(first.shape[0])}
+
+    def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Derived eval metrics (e.g. perplexity from loss)."""
+        return metrics
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        """Called after every optimizer step (annealing schedules); returns values to log."""
+        return {}
+
+    def on_evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Extra eval outputs, e.g. generated text samples (main process only)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state that must survive a resume (e.g. a temperature schedule)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
+        """Write the final model where its ecosystem loads it from."""
+        raise NotImplementedError
+
+    def model_card_info(self) -> dict[str, Any]:
+        """Facts for the model card: library, pipeline tag, tags, how to load."""
+        return {}

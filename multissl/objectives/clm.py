@@ -1,0 +1,67 @@
+"""Causal language modelling (GPT-2/Llama): predict each next token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from multissl.data.masking import pad_blocks
+from multissl.errors import ConfigError
+from multissl.metrics import Mean
+from multissl.objectives.language_model import LanguageModelObjective, TextModelConfig, build_model
+
+
+class CausalLM(LanguageModelObjective):
+    name = "clm"
+    pipeline_tag = "text-generation"
+
+    def __init__(self, model_cfg: TextModelConfig, tokenizer: Any, max_seq_len: int,
+                 sample_prompts: list[str] | None = None, sample_tokens: int = 24) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if model_cfg.arch not in ("gpt2", "llama"):
+            raise ConfigError(f"model.arch={model_cfg.arch!r} is not a causal LM; use gpt2 or llama")
+        super().__init__(build_model(model_cfg, tokenizer, max_seq_len, AutoModelForCausalLM), tokenizer,
+                         model_cfg.arch, model_cfg.size)
+        self.sample_prompts = sample_prompts or []
+        self.sample_tokens = sample_tokens
+        gen = self.model.generation_config
+        gen.pad_token_id, gen.eos_token_id = self.pad_id, tokenizer.eos_token_id
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, attention = pad_blocks(samples, self.pad_id)
+        labels = ids.masked_fill(attention == 0, -100)
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    def compute(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        target = batch["labels"][:, 1:]
+        valid = target != -100
+        n = valid.sum()
+        with torch.no_grad():
+            correct = (out.logits[:, :-1].argmax(-1)[valid] == target[valid]).sum().float()
+        return {"loss": Mean(out.loss * n, n), "next_token_accuracy": Mean(correct, n)}
+
+    @torch.no_grad()
+    def on_evaluate(self, model: Any) -> dict[str, Any]:
+        """Greedy continuations of a few fixed prompts, so progress can be read, not only plotted."""
+        if not self.sample_prompts:
+            return {}
+        device = next(model.parameters()).device
+        samples = []
+        for prompt in self.sample_prompts:
+            enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=self.sample_tokens, do_sample=False)
+            samples.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
+        return {"samples": samples}
+
+    def model_card_info(self) -> dict[str, Any]:
+        info = super().model_card_info()
+        info["usage"] = (
+            "from transformers import pipeline\n\n"
+            'generate = pipeline("text-generation", model="{repo}")\n'
+            'print(generate("The return statement", max_new_tokens=30)[0]["generated_text"])'
+        )
+        info["auto_class"] = "AutoModelForCausalLM"
+        return info

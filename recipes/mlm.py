@@ -1,0 +1,39 @@
+"""Masked language modelling (BERT/RoBERTa-style) pretraining.
+
+python recipes/mlm.py [--config recipes/configs/mlm/tiny.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multissl import config
+from multissl.data.text import TextDataConfig, prepare_text
+from multissl.objectives.language_model import TextModelConfig
+from multissl.objectives.mlm import MaskedLM, MaskingConfig
+from multissl.trainer import FitResult, Trainer, TrainerConfig
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mlm" / "tiny.yaml"
+
+
+@dataclass
+class MLMConfig:
+    model: TextModelConfig = field(default_factory=lambda: TextModelConfig(arch="bert"))
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="outputs/mlm"))
+
+
+def main(argv: list[str] | None = None) -> FitResult:
+    cfg = config.load(MLMConfig, argv, DEFAULT_CONFIG)
+    trainer = Trainer(cfg.trainer, run_config=cfg)
+    data = prepare_text(cfg.data, "mlm", cfg.trainer.output_dir, cfg.trainer.seed, trainer)
+    objective = MaskedLM(cfg.model, cfg.masking, data.tokenizer, cfg.data.max_seq_len)
+    return trainer.fit(objective, data.train, data.eval)
+
+
+if __name__ == "__main__":
+    from multissl.cli import run_recipe
+
+    run_recipe(main)
