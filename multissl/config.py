@@ -94,6 +94,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -107,8 +112,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+def _unknown_key(key: str, known: list[str], where: str, segment: str | None = None) -> ConfigError:
+    close = difflib.get_close_matches(segment or key.rsplit(".", 1)[-1], known, n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
     return ConfigError(f"unknown config key {key!r}{where}{hint}")
 
@@ -191,7 +196,7 @@ def _set_dotted(tree: dict[str, Any], cls: type, path: list[str], value: Any) ->
     types_ = _field_types(cls)
     head, rest = path[0], path[1:]
     if head not in types_:
-        raise _unknown_key(".".join(path), list(types_), "")
+        raise _unknown_key(".".join(path), list(types_), "", segment=head)
     tp = types_[head]
     if rest:
         if not _is_dataclass_type(tp):

@@ -55,8 +55,8 @@ class MetricSums:
             count_t = count.detach().float() if isinstance(count, torch.Tensor) else torch.tensor(float(count))
             self._pending.setdefault(name, []).append(torch.stack([total.reshape(()), count_t.to(total.device)]))
 
-    def reduce(self, accelerator: Any | None) -> dict[str, float]:
-        """Sum over batches (and processes, when an accelerator is given); return the means."""
+    def global_sums(self, accelerator: Any | None) -> dict[str, list[float]]:
+        """Sums over all processes (kept pending), so a resumed run logs the same window averages."""
         names = sorted(self._pending)
         if not names:
             return {}
@@ -64,9 +64,16 @@ class MetricSums:
         stacked = torch.stack([torch.stack(self._pending[n]).to(device).sum(0) for n in names])
         if accelerator is not None and accelerator.num_processes > 1:
             stacked = accelerator.reduce(stacked, reduction="sum")
-        stacked = stacked.cpu().double()
+        return dict(zip(names, stacked.cpu().tolist()))
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self._pending = {n: [torch.tensor(tc, dtype=torch.float32)] for n, tc in state.items()}
+
+    def reduce(self, accelerator: Any | None) -> dict[str, float]:
+        """Sum over batches (and processes, when an accelerator is given); return the means."""
+        sums = self.global_sums(accelerator)
         self._pending.clear()
-        return {n: float(t / c) if c > 0 else float("nan") for n, (t, c) in zip(names, stacked.tolist())}
+        return {n: t / c if c > 0 else float("nan") for n, (t, c) in sums.items()}
 
 
 def finite_or_none(x: float) -> float | None:

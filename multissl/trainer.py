@@ -113,6 +113,8 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     train_seconds: float = 0.0
+    log_window: dict[str, list[float]] = field(default_factory=dict)
+    """Metric sums since the last log line (per process), so logs after a resume match."""
 
 
 @dataclass
@@ -225,8 +227,9 @@ class Trainer:
         config_lib.save(run_config, path)
 
     # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, state: TrainerState) -> Path:
+    def _save_checkpoint(self, state: TrainerState, window: MetricSums | None = None) -> Path:
         acc = self.accelerator
+        state.log_window = window.global_sums(acc) if window is not None else {}
         root = self.output_dir / CHECKPOINTS
         final = root / f"step_{state.step:08d}"
         tmp = root / f".partial-step_{state.step:08d}"
@@ -385,6 +388,8 @@ class Trainer:
         final_metrics: dict[str, float] = {}
         batches = self._micro_batches(train_loader, train_pos, state)
         window = MetricSums()
+        if self.is_main:  # the saved sums are already totals over processes
+            window.load_state_dict(state.log_window)
         window_counts = {"samples": 0, "tokens": 0}
         window_start = time.perf_counter()
         model.train()
@@ -466,9 +471,9 @@ class Trainer:
                     log(final_metrics)
                     window_start = time.perf_counter()
                 if (cfg.save_every and state.step % cfg.save_every == 0) or is_last:
-                    self._save_checkpoint(state)
+                    self._save_checkpoint(state, window)
                 if not is_last and self._should_stop():
-                    path = self._save_checkpoint(state)
+                    path = self._save_checkpoint(state, window)
                     bar.close()
                     acc.end_training()
                     raise TrainingInterrupted(

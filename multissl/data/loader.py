@@ -166,6 +166,9 @@ def make_loader(
         "num_workers": num_workers,
         "pin_memory": pin_memory,
         "persistent_workers": False,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run (which starts an iterator mid-epoch) would shift dropout masks against a straight run.
+        "generator": torch.Generator().manual_seed(seed),
     }
     if num_workers > 0:
         common["prefetch_factor"] = 4

@@ -1,0 +1,102 @@
+"""Config loading: defaults <- file <- overrides, type checks, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from multissl import config
+from multissl.errors import ConfigError
+from recipes import RECIPES
+from recipes.clm import CLMConfig
+from recipes.mlm import MLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig}
+
+
+def shipped_configs() -> list[tuple[str, Path]]:
+    return [(name, p) for name in RECIPES for p in sorted((ROOT / "recipes" / "configs" / name).glob("*.yaml"))]
+
+
+def test_every_recipe_ships_configs() -> None:
+    assert {name for name, _ in shipped_configs()} == set(RECIPES)
+
+
+@pytest.mark.parametrize(("recipe", "path"), shipped_configs(), ids=lambda x: getattr(x, "name", x))
+def test_shipped_config_loads(recipe: str, path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("multissl" in first or "recipes/" in first), "first line says how to run it"
+    cfg = config.build(SCHEMAS[recipe], path)
+    raw = yaml.safe_load(path.read_text())
+    # The file lists only what differs from the defaults and every listed value is applied.
+    resolved = config.to_dict(cfg)
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = resolved[section][key]
+            assert got == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
+
+
+def test_overrides_are_typed() -> None:
+    cfg = config.build(MLMConfig, None, [
+        "trainer.lr=3e-4", "trainer.max_steps=7", "data.files=[a.txt, b.txt]", "trainer.adam_betas=[0.9, 0.98]",
+        "masking.whole_word=true", "model.arch=roberta", "data.max_seq_len=256",
+    ])
+    assert cfg.trainer.lr == pytest.approx(3e-4) and isinstance(cfg.trainer.lr, float)
+    assert cfg.trainer.max_steps == 7 and cfg.data.files == ["a.txt", "b.txt"]
+    assert cfg.trainer.adam_betas == (0.9, 0.98) and cfg.masking.whole_word is True
+    assert cfg.model.arch == "roberta" and cfg.data.max_seq_len == 256
+
+
+def test_override_beats_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  lr: 0.1\n  max_steps: 3\n")
+    cfg = config.build(MLMConfig, f, ["trainer.lr=0.2"])
+    assert cfg.trainer.lr == 0.2 and cfg.trainer.max_steps == 3
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("trainer.lrr=1", "'trainer.lrr'"),
+    ("trainer.lrr=1", "did you mean 'lr'"),
+    ("traner.lr=1", "did you mean 'trainer'"),
+    ("trainer.max_steps=ten", "trainer.max_steps: expected an integer, got 'ten'"),
+    ("trainer.max_steps=1.5", "trainer.max_steps: expected an integer"),
+    ("masking.whole_word=maybe", "masking.whole_word: expected true or false"),
+    ("model.arch=bart", "did you mean 'bert'"),
+    ("trainer.adam_betas=[0.9]", "expected 2 values"),
+    ("trainer.lr.x=1", "has no key 'x'"),
+    ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
+    ("nonsense", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.build(MLMConfig, None, [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  warmup_step: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.warmup_step'.*warmup_steps"):
+        config.build(MLMConfig, f)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(MLMConfig, ["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*not valid YAML"):
+        config.build(MLMConfig, bad)
+    with pytest.raises(ConfigError, match="unknown option '--lr'"):
+        config.load(MLMConfig, ["--lr", "3"])
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = config.build(CLMConfig, None, ["trainer.lr=0.01", "sampling.prompts=[Hi]"])
+    config.save(cfg, tmp_path / "config.yaml")
+    again = config.build(CLMConfig, tmp_path / "config.yaml")
+    assert again == cfg
