@@ -123,6 +123,8 @@ class FitResult:
     first_train_loss: float | None
     final_metrics: dict[str, float]
     history: list[dict[str, Any]]
+    model: nn.Module | None = None
+    """The trained model, unwrapped (also saved in output_dir/model)."""
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -483,7 +485,9 @@ class Trainer:
         bar.close()
         self._export(objective, model, state, final_metrics, history)
         acc.end_training()
-        return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history)
+        unwrapped = acc.unwrap_model(model)
+        return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
+                         getattr(unwrapped, "_orig_mod", unwrapped))
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()

@@ -28,7 +28,9 @@ class MLMConfig:
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(MLMConfig, argv, DEFAULT_CONFIG)
     trainer = Trainer(cfg.trainer, run_config=cfg)
-    data = prepare_text(cfg.data, "mlm", cfg.trainer.output_dir, cfg.trainer.seed, trainer)
+    # BERT uses WordPiece, RoBERTa byte-level BPE (when no tokenizer is given, one is trained)
+    algorithm = "wordpiece" if cfg.model.arch == "bert" else "bytelevel"
+    data = prepare_text(cfg.data, "mlm", cfg.trainer.output_dir, cfg.trainer.seed, trainer, algorithm)
     objective = MaskedLM(cfg.model, cfg.masking, data.tokenizer, cfg.data.max_seq_len)
     return trainer.fit(objective, data.train, data.eval)
 

@@ -22,7 +22,7 @@ def test_pack_ids_keeps_every_token(block: int) -> None:
 
 def _corpus(n: int) -> list[str]:
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
     return [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 40))) for _ in range(n)]
 
 

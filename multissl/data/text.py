@@ -110,6 +110,12 @@ def load_files(files: list[Path], cfg: TextDataConfig, what: str, streaming: boo
     import datasets
 
     builder = _builder_for(files, what)
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:
+        if len(empty) == len(files):
+            raise DataError(f"{what}: the corpus is empty ({', '.join(map(str, files[:3]))} hold no bytes)")
+        print(f"warning: skipping {len(empty)} empty file(s), e.g. {empty[0]}", flush=True)
+        files = [f for f in files if f not in empty]
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["sample_by"] = cfg.sample_by
@@ -200,12 +206,21 @@ def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig) -> Any:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: Any, kind: Literal["mlm", "clm"], vocab_size: int, max_len: int, lowercase: bool) -> Any:
-    """WordPiece (BERT-style specials) for MLM, byte-level BPE for CLM, as a transformers tokenizer."""
+def train_tokenizer(texts: Any, kind: Literal["mlm", "clm"], vocab_size: int, max_len: int, lowercase: bool,
+                    algorithm: Literal["wordpiece", "bytelevel"] | None = None) -> Any:
+    """A transformers tokenizer trained on ``texts``.
+
+    WordPiece with BERT's specials (default for MLM), or byte-level BPE: GPT-2 style for CLM,
+    RoBERTa style (``<s> </s> <mask>``) for MLM. Note: `tokenizers`' WordPiece trainer breaks
+    ties in hash-map order (huggingface/tokenizers#1794), so two trainings on the same text can
+    differ slightly; the trained tokenizer is saved and reused on resume, and byte-level BPE is
+    deterministic.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if kind == "mlm":
+    algorithm = algorithm or ("wordpiece" if kind == "mlm" else "bytelevel")
+    if algorithm == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
@@ -221,22 +236,31 @@ def train_tokenizer(texts: Any, kind: Literal["mlm", "clm"], vocab_size: int, ma
             tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
             sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_len,
         )
-    specials = ["<|endoftext|>", "<|pad|>"]
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if kind == "mlm" else ["<|endoftext|>", "<|pad|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=kind == "mlm")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
+    if kind == "mlm":
+        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+            unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=max_len,
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         unk_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=max_len,
     )
 
 
-def get_tokenizer(cfg: TextDataConfig, kind: Literal["mlm", "clm"], train: Any, save_dir: Path) -> Any:
+def get_tokenizer(cfg: TextDataConfig, kind: Literal["mlm", "clm"], train: Any, save_dir: Path,
+                  algorithm: Literal["wordpiece", "bytelevel"] | None = None) -> Any:
     """The configured tokenizer, the one saved by an earlier run in ``save_dir``, or a new one."""
     from transformers import AutoTokenizer
 
@@ -254,7 +278,7 @@ def get_tokenizer(cfg: TextDataConfig, kind: Literal["mlm", "clm"], train: Any, 
                     return
                 yield row["text"]
 
-        tok = train_tokenizer(texts(), kind, cfg.vocab_size, cfg.max_seq_len, cfg.lowercase)
+        tok = train_tokenizer(texts(), kind, cfg.vocab_size, cfg.max_seq_len, cfg.lowercase, algorithm)
         save_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(save_dir)
     needed = ["mask_token", "cls_token", "sep_token", "pad_token"] if kind == "mlm" else ["eos_token"]
@@ -308,14 +332,15 @@ def tokenize_and_pack(ds: Any, tokenizer: Any, kind: Literal["mlm", "clm"], cfg:
     return ds.map(fn, **kwargs)
 
 
-def prepare_text(cfg: TextDataConfig, kind: Literal["mlm", "clm"], output_dir: str | Path, seed: int, trainer: Any = None) -> TextData:
+def prepare_text(cfg: TextDataConfig, kind: Literal["mlm", "clm"], output_dir: str | Path, seed: int, trainer: Any = None,
+                 tokenizer_algorithm: Literal["wordpiece", "bytelevel"] | None = None) -> TextData:
     """Load, tokenize and pack a corpus for ``kind``; the tokenizer is saved in ``output_dir/tokenizer``."""
     import contextlib
 
     first = trainer.main_process_first() if trainer is not None else contextlib.nullcontext()
     with first:
         train, eval_raw, source = load_raw(cfg, seed)
-        tokenizer = get_tokenizer(cfg, kind, train, Path(output_dir) / "tokenizer")
+        tokenizer = get_tokenizer(cfg, kind, train, Path(output_dir) / "tokenizer", tokenizer_algorithm)
         train_blocks = tokenize_and_pack(train, tokenizer, kind, cfg)
         eval_blocks = tokenize_and_pack(eval_raw, tokenizer, kind, cfg) if eval_raw is not None else None
     if cfg.streaming:

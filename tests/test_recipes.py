@@ -1,0 +1,90 @@
+"""The MLM and CLM recipes end to end on the embedded corpus, at tiny sizes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from multissl.metrics import read_jsonl
+from recipes import clm, mlm
+from tests.conftest import tiny_args
+
+
+def _eval_losses(out: Path) -> list[float]:
+    return [r["eval/loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r]
+
+
+def _same_logits(model_dir: Path, trained: torch.nn.Module, auto: str) -> None:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    loaded = getattr(transformers, auto).from_pretrained(model_dir).eval()
+    batch = tok(["The with statement is used to wrap a block.", "Names refer to objects."], return_tensors="pt",
+                padding=True)
+    trained.eval()
+    with torch.no_grad():
+        a = loaded(**batch).logits
+        b = trained(**batch).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_mlm_learns_and_output_loads(tmp_path: Path) -> None:
+    result = mlm.main(tiny_args(tmp_path, steps=100, **{"trainer.eval_every": 50, "trainer.lr": 2e-3}))
+    losses = _eval_losses(tmp_path)
+    # from ln(vocab) = 6.9 at random init; 0.9 nats is far outside step-to-step noise (~0.05)
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.9, losses
+    assert result.final_metrics["masked_accuracy"] > 0.02  # chance is 1/1000
+    assert result.final_metrics["masked_fraction"] == pytest.approx(0.15, abs=0.02)
+    model_dir = tmp_path / "model"
+    _same_logits(model_dir, result.model, "AutoModelForMaskedLM")
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---") and "fill-mask" in card and "AutoModelForMaskedLM" in card
+    assert (tmp_path / "config.yaml").is_file() and list((tmp_path / "tensorboard").rglob("events.*")) == []
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert {"throughput/tokens_per_s", "throughput/samples_per_s", "train/loss"} <= set(rows[1])
+    assert {"eval/perplexity", "eval/masked_accuracy"} <= set(rows[-1])
+
+
+def test_roberta_whole_word(tmp_path: Path) -> None:
+    result = mlm.main(tiny_args(tmp_path, steps=8, **{"model.arch": "roberta", "masking.whole_word": "true"}))
+    assert result.state.step == 8
+    _same_logits(tmp_path / "model", result.model, "AutoModelForMaskedLM")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_clm_learns_and_output_loads(tmp_path: Path, arch: str) -> None:
+    result = clm.main(tiny_args(tmp_path, steps=40, **{"model.arch": arch, "trainer.eval_every": 20,
+                                                        "trainer.lr": 2e-3, "sampling.max_new_tokens": 8}))
+    losses = _eval_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.7, losses
+    assert result.final_metrics["next_token_accuracy"] > 0.02  # chance is 1/1000
+    samples = result.final_metrics["samples"]
+    assert len(samples) == 2 and all(s.startswith(p) for s, p in zip(samples, ["The return statement", "A class"]))
+    _same_logits(tmp_path / "model", result.model, "AutoModelForCausalLM")
+
+
+def test_tensorboard_events_written(tmp_path: Path) -> None:
+    mlm.main(tiny_args(tmp_path, steps=5) + ["trainer.trackers=[tensorboard]"])
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_matches_straight_run(tmp_path: Path) -> None:
+    """2N straight vs N, then a fresh process resuming from the step-N checkpoint, then N more."""
+    args = tiny_args(tmp_path, steps=16, **{"trainer.save_every": 8, "trainer.keep_last": 3, "model.dropout": 0.1,
+                                             "trainer.eval_every": 8})
+    straight = mlm.main(args)
+    want = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    rows_straight = read_jsonl(tmp_path / "metrics.jsonl")
+    # Back to the state right after step 8: drop what came later, as a kill at step 8 would have.
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000016")
+    shutil.rmtree(tmp_path / "model")
+    resumed = mlm.main(args)
+    assert resumed.state.step == 16
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
+    assert key(rows) == key(rows_straight)

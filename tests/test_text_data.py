@@ -1,0 +1,90 @@
+"""Text sources through `datasets`, and bad input that must fail with one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from multissl.data.text import TextDataConfig, load_raw
+from multissl.errors import DataError
+
+DOCS = [f"Document number {i} talks about topic {i % 7} at some length." for i in range(60)]
+
+
+def _write(tmp: Path, kind: str) -> Path:
+    p = tmp / f"corpus.{kind}"
+    if kind == "txt":
+        p.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    elif kind == "jsonl":
+        p.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS), encoding="utf-8")
+    elif kind == "csv":
+        p.write_text("id,body\n" + "".join(f'{i},"{d}"\n' for i, d in enumerate(DOCS)), encoding="utf-8")
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": DOCS}), p)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_local_formats(tmp_path: Path, kind: str) -> None:
+    p = _write(tmp_path, kind)
+    column = "text" if kind == "txt" else "body"
+    train, held, _ = load_raw(TextDataConfig(files=[str(p)], text_column=column, validation_fraction=0.1), seed=0)
+    texts = sorted(t.strip() for t in [*train["text"], *held["text"]])
+    assert texts == sorted(DOCS) and len(held) == 6 and train.column_names == ["text"]
+
+
+def test_folder_is_read_recursively(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one.txt").write_text("first doc here\n\nsecond doc here\n")
+    (tmp_path / "a" / "b" / "two.txt").write_text("third doc here\n")
+    (tmp_path / "a" / "notes.md").write_text("ignored")
+    train, held, _ = load_raw(TextDataConfig(files=[str(tmp_path / "a")], validation_fraction=0.0), seed=0)
+    assert sorted(t.strip() for t in train["text"]) == ["first doc here", "second doc here", "third doc here"]
+    assert held is None
+
+
+def test_embedded_corpus_has_disjoint_validation() -> None:
+    train, held, source = load_raw(TextDataConfig(), seed=0)
+    assert "embedded" in source and len(train) > 1500 and len(held) > 50
+    assert not set(list(train["text"])) & set(list(held["text"]))
+
+
+@pytest.mark.parametrize(("setup", "needle"), [
+    ("missing", "no such file or folder"),
+    ("empty", "the corpus is empty"),
+    ("blank_lines", "the corpus is empty"),
+    ("latin1", "not valid UTF-8"),
+    ("wrong_ext", "unsupported file type '.docx'"),
+    ("no_column", "no column 'text' (columns: body)"),
+    ("mixed", "mixes file types"),
+    ("empty_folder", "holds no"),
+])
+def test_bad_input_names_the_culprit(tmp_path: Path, setup: str, needle: str) -> None:
+    files = [str(tmp_path / "corpus.txt")]
+    if setup == "empty":
+        (tmp_path / "corpus.txt").write_text("")
+    elif setup == "blank_lines":
+        (tmp_path / "corpus.txt").write_text("\n   \n\n\t\n")
+    elif setup == "latin1":
+        (tmp_path / "corpus.txt").write_bytes("ok line\n\ncaf\u00e9 au lait\n".encode("latin-1"))
+    elif setup == "wrong_ext":
+        (tmp_path / "corpus.docx").write_text("x")
+        files = [str(tmp_path / "corpus.docx")]
+    elif setup == "no_column":
+        files = [str(_write(tmp_path, "jsonl"))]
+    elif setup == "mixed":
+        files = [str(_write(tmp_path, "jsonl")), str(_write(tmp_path, "txt"))]
+    elif setup == "empty_folder":
+        (tmp_path / "d").mkdir()
+        files = [str(tmp_path / "d")]
+    with pytest.raises(DataError) as err:
+        load_raw(TextDataConfig(files=files), seed=0)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+    if setup in ("missing", "empty", "latin1"):
+        assert "corpus.txt" in msg, "names the file"
