@@ -394,6 +394,16 @@ class Trainer:
             window.load_state_dict(state.log_window)
         window_counts = {"samples": 0, "tokens": 0}
         window_start = time.perf_counter()
+        unsynced = [0, 0]  # samples, tokens on this process since the last sync
+
+        def sync_counts() -> None:
+            totals = torch.tensor(unsynced, dtype=torch.float64, device=acc.device)
+            if acc.num_processes > 1:
+                totals = acc.reduce(totals, reduction="sum")
+            state.samples_seen += int(totals[0])
+            state.tokens_seen += int(totals[1])
+            unsynced[:] = [0, 0]
+
         model.train()
 
         with self._signals():
@@ -407,8 +417,8 @@ class Trainer:
                     counts = objective.count(batch)
                     for k in window_counts:
                         window_counts[k] += counts.get(k, 0)
-                    state.samples_seen += counts.get("samples", 0)
-                    state.tokens_seen += counts.get("tokens", 0)
+                    unsynced[0] += counts.get("samples", 0)
+                    unsynced[1] += counts.get("tokens", 0)
                     batch = _to_device(batch, acc.device)
                     with acc.accumulate(model), acc.autocast():
                         out = objective.compute(model, batch)
@@ -473,8 +483,10 @@ class Trainer:
                     log(final_metrics)
                     window_start = time.perf_counter()
                 if (cfg.save_every and state.step % cfg.save_every == 0) or is_last:
+                    sync_counts()
                     self._save_checkpoint(state, window)
                 if not is_last and self._should_stop():
+                    sync_counts()
                     path = self._save_checkpoint(state, window)
                     bar.close()
                     acc.end_training()

@@ -1,0 +1,88 @@
+"""The command line as a user meets it: one-line errors, the script entry, several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["trainer.lrr=1"], "unknown config key 'trainer.lrr'; did you mean 'lr'?"),
+    (["trainer.max_steps=many"], "trainer.max_steps: expected an integer, got 'many'"),
+    (["data.files=[/no/such/corpus.txt]"], "no such file or folder: /no/such/corpus.txt"),
+    (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = run([str(BIN / "multissl"), "pretrain", "mlm", f"trainer.output_dir={tmp_path}", *extra])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"multissl: error: {needle}"] or (len(lines) == 1 and needle in lines[0]), proc.stderr
+
+
+def test_unknown_recipe(tmp_path: Path) -> None:
+    proc = run([str(BIN / "multissl"), "pretrain", "mlmm"])
+    assert proc.returncode == 2 and "unknown recipe 'mlmm' (did you mean 'mlm'?)" in proc.stderr
+
+
+def test_script_entry_and_sigint_resume(tmp_path: Path) -> None:
+    """`python recipes/clm.py` runs; SIGINT saves a checkpoint and exits 130; rerunning resumes."""
+    import signal
+    import time
+
+    args = [str(BIN / "python"), "recipes/clm.py", f"trainer.output_dir={tmp_path}", "trainer.max_steps=400",
+            "trainer.progress_bar=false", "trainer.log_every=1", "trainer.trackers=[]", "data.vocab_size=500",
+            "model.hidden_size=32", "data.max_seq_len=32", "trainer.batch_size=4"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved to" in err and "Run the same command again to resume" in err
+    saved = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 400
+    done = run(args[:4] + ["trainer.max_steps=" + str(step + 3)] + args[5:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {saved[0]}" in done.stdout
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, step + 4)), "no gap, no duplicate"
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_two_processes(tmp_path: Path) -> None:
+    """MLM under torchrun with 2 CPU processes (gloo): one set of files, metrics once per step."""
+    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
+                "trainer.max_steps=6", "trainer.log_every=2", "trainer.save_every=3", "trainer.progress_bar=false",
+                "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=8"],
+               timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == [2, 4, 6], "each step logged once, by rank 0"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    ckpt = tmp_path / "checkpoints" / "step_00000006"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 6 * 8 * 2, "samples counted over both processes"
+    assert all(r["throughput/samples_per_s"] > 0 for r in rows if "train/loss" in r)
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "model")
