@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +27,9 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    # accelerate warns on every checkpoint that tied weights are stored once; that is intended
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
@@ -71,8 +75,8 @@ def demo(output_dir: str, steps: int | None) -> list[dict[str, Any]]:
         results.append({
             "recipe": name,
             "first train loss": result.first_train_loss,
-            "first eval loss": first_eval.get("eval/loss"),
-            "final eval loss": result.final_metrics.get("loss"),
+            "eval loss before": first_eval.get("eval/loss"),
+            "eval loss after": result.final_metrics.get("loss"),
             "perplexity": result.final_metrics.get("perplexity"),
             "accuracy": result.final_metrics.get("masked_accuracy", result.final_metrics.get("next_token_accuracy")),
             "tokens/s": sorted(tokens)[len(tokens) // 2] if tokens else None,
@@ -85,11 +89,11 @@ def demo(output_dir: str, steps: int | None) -> list[dict[str, Any]]:
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
-    cols = ["recipe", "first eval loss", "final eval loss", "perplexity", "accuracy", "tokens/s"]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    cols = ["recipe", "eval loss before", "eval loss after", "perplexity", "accuracy", "tokens/s"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1000 else (f"{v:.0f}" if isinstance(v, float) else ("-" if v is None else str(v)))  # noqa: E731
     table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print("\nResults (eval = held-out split; loss before = at step 0):")
+    print("\nResults on the held-out split (before = at initialisation; accuracy = masked / next token):")
     for i, row in enumerate(table):
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
         if i == 0:
