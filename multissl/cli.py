@@ -40,6 +40,9 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
     except TrainingInterrupted as err:
         print(f"multissl: {err}", file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:  # before training started (data preparation): nothing to save yet
+        print("multissl: interrupted", file=sys.stderr)
+        sys.exit(130)
     except MultiSSLError as err:
         print(f"multissl: error: {err}", file=sys.stderr)
         sys.exit(2)

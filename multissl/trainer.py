@@ -333,9 +333,10 @@ class Trainer:
 
         model = objective.model
         if cfg.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
-            model.gradient_checkpointing_enable()
+            inner = objective.export(model)
+            if not hasattr(inner, "gradient_checkpointing_enable"):
+                raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing")
+            inner.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(
             decay_groups(model, cfg.weight_decay),
             lr=cfg.lr,
@@ -357,7 +358,12 @@ class Trainer:
 
         metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         state = TrainerState()
-        checkpoints = list_checkpoints(self.output_dir) if cfg.resume else []
+        checkpoints = list_checkpoints(self.output_dir)
+        if checkpoints and not cfg.resume:
+            raise ConfigError(
+                f"{self.output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); "
+                "use another trainer.output_dir, or trainer.resume=true to continue it"
+            )
         if checkpoints:
             state = self._load_checkpoint(checkpoints[-1])
             self.print(f"resuming from {checkpoints[-1]} (step {state.step}/{total})")
@@ -495,11 +501,12 @@ class Trainer:
                         "Run the same command again to resume."
                     )
         bar.close()
+        if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
+            final_metrics = self._evaluate(objective, model, eval_loader, tag="eval")
         self._export(objective, model, state, final_metrics, history)
         acc.end_training()
-        unwrapped = acc.unwrap_model(model)
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
-                         getattr(unwrapped, "_orig_mod", unwrapped))
+                         self._exported(objective, model))
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
@@ -516,10 +523,14 @@ class Trainer:
         means = objective.summarize(sums.reduce(acc))
         record: dict[str, Any] = {f"{tag}/{k}": v for k, v in means.items()}
         if self.is_main:
-            extras = objective.on_evaluate(acc.unwrap_model(model))
+            extras = objective.on_evaluate(self._exported(objective, model))
             record.update({f"{tag}/{k}": v for k, v in extras.items()})
         model.train()
         return record
+
+    def _exported(self, objective: Objective, model: nn.Module) -> nn.Module:
+        unwrapped = self.accelerator.unwrap_model(model)
+        return objective.export(getattr(unwrapped, "_orig_mod", unwrapped))
 
     def _export(self, objective: Objective, model: nn.Module, state: TrainerState,
                 final_metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -527,10 +538,7 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             out = self.output_dir / "model"
-            unwrapped = acc.unwrap_model(model)
-            if hasattr(unwrapped, "_orig_mod"):
-                unwrapped = unwrapped._orig_mod
-            objective.save_pretrained(unwrapped, out)
+            objective.save_pretrained(self._exported(objective, model), out)
             from multissl.hub import write_model_card
 
             write_model_card(out, objective, state, final_metrics, self.run_config, self.output_dir / "metrics.jsonl")

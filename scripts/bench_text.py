@@ -97,9 +97,8 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
 
         objective.collate = counting_collate
         objective.on_step_end = lambda step: stamps.append(time.perf_counter()) or {}
-        result = trainer.fit(objective, data.train, None)
+        trainer.fit(objective, data.train, None)
         objective.collate = collate  # count training batches only
-        model = result.model
     elif side == "hf_trainer":
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -124,9 +123,9 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
             disable_tqdm=True, dataloader_num_workers=0,
         )
-        Trainer(model=objective.model, args=args, train_dataset=data.train, data_collator=collator,
-                callbacks=[Stamp()]).train()
-        model = objective.model
+        # HF's Trainer gets the plain transformers model (full-vocabulary logits at every position)
+        Trainer(model=objective.export(objective.model), args=args, train_dataset=data.train,
+                data_collator=collator, callbacks=[Stamp()]).train()
     else:
         from multissl.data.loader import make_loader
         from multissl.trainer import decay_groups, lr_lambda
@@ -158,7 +157,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
                     break
             epoch += 1
 
-    eval_loss = _evaluate(objective, model, data.eval)
+    eval_loss = _evaluate(objective, objective.model, data.eval)  # trained in place on every side
     seconds = stamps[-1] - stamps[0]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {

@@ -88,3 +88,22 @@ def test_resume_matches_straight_run(tmp_path: Path) -> None:
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
     assert key(rows) == key(rows_straight)
+
+
+def test_streaming_needs_max_steps_then_runs(tmp_path: Path) -> None:
+    import json
+
+    from multissl.errors import ConfigError
+
+    corpus = tmp_path / "corpus.jsonl"
+    from multissl.data.demo import python_doc_paragraphs
+
+    corpus.write_text("".join(json.dumps({"id": i, "body": r["text"]}) + "\n"
+                              for i, r in enumerate(python_doc_paragraphs()[:600])))
+    base = tiny_args(tmp_path / "run", steps=6) + [f"data.files=[{corpus}]", "data.text_column=body",
+                                                  "data.streaming=true", "trainer.eval_max_batches=2"]
+    with pytest.raises(ConfigError, match="set trainer.max_steps"):
+        clm.main([a for a in base if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=0"])
+    result = clm.main(base)
+    assert result.state.step == 6 and result.state.samples_seen == 6 * 16
+    assert "loss" in result.final_metrics

@@ -88,3 +88,15 @@ def test_bad_input_names_the_culprit(tmp_path: Path, setup: str, needle: str) ->
     assert needle in msg and "\n" not in msg
     if setup in ("missing", "empty", "latin1"):
         assert "corpus.txt" in msg, "names the file"
+
+
+def test_dataset_folder_with_named_splits(tmp_path: Path) -> None:
+    """`data.dataset` goes through datasets.load_dataset, as a Hub id would (here a local folder)."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:50]))
+    (root / "validation.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[50:]))
+    train, held, source = load_raw(TextDataConfig(dataset=str(root), eval_split="validation"), seed=0)
+    assert len(train) == 50 and list(held["text"]) == DOCS[50:] and source == str(root)
+    with pytest.raises(DataError, match="split 'test'"):
+        load_raw(TextDataConfig(dataset=str(root), eval_split="test"), seed=0)

@@ -125,3 +125,18 @@ def test_checkpoint_state_file(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "checkpoints" / "step_00000014" / "trainer_state.json").read_text())
     assert state["step"] == 14 and state["samples_seen"] == 14 * 16
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 14), "224 samples / 16 = 14 batches an epoch"
+
+
+def test_refuses_to_mix_runs_without_resume(tmp_path: Path) -> None:
+    from multissl.errors import ConfigError
+
+    fit(tmp_path, max_steps=4)
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        fit(tmp_path, max_steps=4, resume=False)
+    assert list_checkpoints(tmp_path), "earlier work untouched"
+
+
+def test_rerun_of_finished_run_reexports(tmp_path: Path) -> None:
+    first, _ = fit(tmp_path, max_steps=4)
+    again, _ = fit(tmp_path, max_steps=4)
+    assert again.state.step == 4 and again.final_metrics["loss"] == pytest.approx(first.final_metrics["loss"])

@@ -179,9 +179,12 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
     train = _clean(train, cfg.text_column, source, cfg)
     eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg) if eval_ds is not None else None
     if eval_ds is None and cfg.validation_fraction > 0:
-        if cfg.streaming:
-            n_eval = 1000
-            eval_ds, train = train.take(n_eval), train.skip(n_eval)
+        if cfg.streaming:  # no length to split by: a document's hash decides its side
+            from multissl.data.demo import is_heldout
+
+            frac = cfg.validation_fraction
+            eval_ds = train.filter(lambda b: [is_heldout(t, frac) for t in b["text"]], batched=True)
+            train = train.filter(lambda b: [not is_heldout(t, frac) for t in b["text"]], batched=True)
         else:
             if len(train) < 2:
                 raise DataError(f"{source}: only {len(train)} non-empty document(s); need at least 2 to hold out validation")
@@ -192,11 +195,9 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
 
 def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig) -> Any:
     """Keep only the text column; drop empty documents; cap the count when asked."""
+    ds = ds.select_columns([column])
     if column != "text":
         ds = ds.rename_column(column, "text")
-    names = getattr(ds, "column_names", None)
-    if names:
-        ds = ds.remove_columns([c for c in names if c != "text"])
     if cfg.max_documents:
         ds = ds.take(cfg.max_documents) if not hasattr(ds, "__len__") else ds.select(range(min(cfg.max_documents, len(ds))))
     ds = ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)

@@ -61,8 +61,12 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def export(self, model: nn.Module) -> nn.Module:
+        """The module users get: ``model`` minus any training-only wrapper."""
+        return model
+
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
-        """Write the final model where its ecosystem loads it from."""
+        """Write the final (exported) model where its ecosystem loads it from."""
         raise NotImplementedError
 
     def model_card_info(self) -> dict[str, Any]:
