@@ -175,6 +175,11 @@ class Trainer:
         self.run_config = run_config
         self.output_dir = Path(cfg.output_dir)
         trackers = self._trackers()
+        # Accelerate keeps one state per process; a second run in the same process (the demo, a
+        # notebook) may ask for other settings. The process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum_steps,

@@ -107,3 +107,12 @@ def test_streaming_needs_max_steps_then_runs(tmp_path: Path) -> None:
     result = clm.main(base)
     assert result.state.step == 6 and result.state.samples_seen == 6 * 16
     assert "loss" in result.final_metrics
+
+
+@pytest.mark.parametrize("option", ["trainer.mixed_precision=bf16", "trainer.gradient_checkpointing=true"])
+def test_speed_options_train(tmp_path: Path, option: str) -> None:
+    """bf16 autocast (CPU here, GPU in production) and gradient checkpointing still learn."""
+    result = mlm.main(tiny_args(tmp_path, steps=30, **{"trainer.lr": 2e-3}) + [option])
+    rows = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert all(v == v for v in rows) and rows[-1] < rows[0] - 0.3, rows
+    assert result.state.nonfinite_total == 0
