@@ -339,9 +339,11 @@ class Trainer:
         model = objective.model
         if cfg.gradient_checkpointing:
             inner = objective.export(model)
-            if not hasattr(inner, "gradient_checkpointing_enable"):
+            # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+            enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
+            if enable is None:
                 raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing")
-            inner.gradient_checkpointing_enable()
+            enable()
         optimizer = torch.optim.AdamW(
             decay_groups(model, cfg.weight_decay),
             lr=cfg.lr,

@@ -116,3 +116,5 @@ def test_speed_options_train(tmp_path: Path, option: str) -> None:
     rows = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert all(v == v for v in rows) and rows[-1] < rows[0] - 0.3, rows
     assert result.state.nonfinite_total == 0
+    if "checkpointing" in option:
+        assert result.model.is_activation_checkpointing
