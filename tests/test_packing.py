@@ -45,3 +45,18 @@ def test_tokenize_and_pack_dataset(kind: str) -> None:
     assert body == expected, "no token lost or reordered"
     if kind == "mlm":
         assert all(b[0] == tok.cls_token_id and b[-1] == tok.sep_token_id for b in packed["input_ids"])
+
+
+def test_packing_is_cached_between_runs(tmp_path) -> None:
+    """A second preparation of the same files with the same tokenizer reuses datasets' cache."""
+    import json
+
+    from multissl.data.text import prepare_text
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _corpus(300)))
+    cfg = TextDataConfig(files=[str(corpus)], max_seq_len=32, vocab_size=200, num_proc=2)
+    first = prepare_text(cfg, "clm", tmp_path / "run", seed=0)
+    again = prepare_text(cfg, "clm", tmp_path / "run", seed=0)  # tokenizer now loaded from disk
+    assert first.train.cache_files and first.train.cache_files == again.train.cache_files
+    assert list(first.train["input_ids"]) == list(again.train["input_ids"])

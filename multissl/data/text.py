@@ -305,22 +305,46 @@ def pack_ids(docs: list[list[int]], block: int, sep: int | None) -> list[list[in
     return [stream[i : i + block] for i in range(0, len(stream), block)]
 
 
+def _encoder(tokenizer: Any):
+    """Whole documents -> ids, with no special tokens and no length warning (we cut blocks later)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def packer(tokenizer: Any, kind: Literal["mlm", "clm"], max_seq_len: int):
     """A batched map function: ``{"text": [...]}`` -> ``{"input_ids": [blocks]}``."""
+    encode = _encoder(tokenizer)
     if kind == "mlm":
         cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
 
         def pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-            return {"input_ids": [[cls, *b, sep] for b in pack_ids(ids, max_seq_len - 2, sep) if b]}
+            return {"input_ids": [[cls, *b, sep] for b in pack_ids(encode(batch["text"]), max_seq_len - 2, sep) if b]}
     else:
         eos = tokenizer.eos_token_id
 
         def pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-            return {"input_ids": pack_ids(ids, max_seq_len, eos)}
+            return {"input_ids": pack_ids(encode(batch["text"]), max_seq_len, eos)}
 
     return pack
+
+
+def pack_fingerprint(ds: Any, tokenizer: Any, kind: str, max_seq_len: int) -> str | None:
+    """A cache key from what determines the blocks, so a rerun reuses `datasets`' cache.
+
+    (datasets' own hash of the closure changes whenever the tokenizer object is rebuilt.)
+    """
+    import hashlib
+
+    base = getattr(ds, "_fingerprint", None)
+    if base is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    specials = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.eos_token_id)
+    key = f"v1|{base}|{kind}|{max_seq_len}|{PACK_BATCH}|{specials}|{tok}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
 def tokenize_and_pack(ds: Any, tokenizer: Any, kind: Literal["mlm", "clm"], cfg: TextDataConfig) -> Any:
@@ -330,6 +354,7 @@ def tokenize_and_pack(ds: Any, tokenizer: Any, kind: Literal["mlm", "clm"], cfg:
         if cfg.num_proc > 1:
             kwargs["num_proc"] = cfg.num_proc
         kwargs["desc"] = "tokenizing and packing"
+        kwargs["new_fingerprint"] = pack_fingerprint(ds, tokenizer, kind, cfg.max_seq_len)
     return ds.map(fn, **kwargs)
 
 
