@@ -140,3 +140,9 @@ def test_rerun_of_finished_run_reexports(tmp_path: Path) -> None:
     first, _ = fit(tmp_path, max_steps=4)
     again, _ = fit(tmp_path, max_steps=4)
     assert again.state.step == 4 and again.final_metrics["loss"] == pytest.approx(first.final_metrics["loss"])
+
+
+def test_epochs_set_the_step_count(tmp_path: Path) -> None:
+    result, _ = fit(tmp_path, max_steps=0, epochs=2.0, grad_accum_steps=2)
+    # 224 samples / 16 a batch = 14 batches an epoch; 2 epochs / 2 micro-batches a step = 14 steps
+    assert result.state.step == 14 and result.state.samples_seen == 2 * 224
