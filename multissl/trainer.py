@@ -405,7 +405,6 @@ class Trainer:
         window = MetricSums()
         if self.is_main:  # the saved sums are already totals over processes
             window.load_state_dict(state.log_window)
-        window_counts = {"samples": 0, "tokens": 0}
         window_start = time.perf_counter()
         unsynced = [0, 0]  # samples, tokens on this process since the last sync
 
@@ -417,6 +416,7 @@ class Trainer:
             state.tokens_seen += int(totals[1])
             unsynced[:] = [0, 0]
 
+        seen_at_window_start = (state.samples_seen, state.tokens_seen)
         model.train()
 
         with self._signals():
@@ -428,8 +428,6 @@ class Trainer:
                 for _ in range(cfg.grad_accum_steps):
                     batch = next(batches)
                     counts = objective.count(batch)
-                    for k in window_counts:
-                        window_counts[k] += counts.get(k, 0)
                     unsynced[0] += counts.get("samples", 0)
                     unsynced[1] += counts.get("tokens", 0)
                     batch = _to_device(batch, acc.device)
@@ -468,9 +466,10 @@ class Trainer:
                 if state.step % cfg.log_every == 0 or state.step == total:
                     means = window.reduce(acc)
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    totals = torch.tensor([window_counts["samples"], window_counts["tokens"]], dtype=torch.float64, device=acc.device)
-                    if acc.num_processes > 1:
-                        totals = acc.reduce(totals, reduction="sum")
+                    sync_counts()
+                    samples = state.samples_seen - seen_at_window_start[0]
+                    tokens = state.tokens_seen - seen_at_window_start[1]
+                    seen_at_window_start = (state.samples_seen, state.tokens_seen)
                     record = {f"train/{k}": v for k, v in means.items()}
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
@@ -478,8 +477,8 @@ class Trainer:
                         "train/lr": scheduler.get_last_lr()[0],
                         "train/grad_norm": grad_norm_f,
                         "train/epoch": state.epoch + state.batch_in_epoch / max(1, _len_or_zero(train_loader)),
-                        "throughput/samples_per_s": float(totals[0]) / elapsed,
-                        **({"throughput/tokens_per_s": float(totals[1]) / elapsed} if totals[1] > 0 else {}),
+                        "throughput/samples_per_s": samples / elapsed,
+                        **({"throughput/tokens_per_s": tokens / elapsed} if tokens > 0 else {}),
                         **{f"train/{k}": v for k, v in extra.items()},
                     })
                     if state.nonfinite_total:
@@ -487,7 +486,6 @@ class Trainer:
                     log(record)
                     bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4f}",
                                     sps=f"{record['throughput/samples_per_s']:.1f}")
-                    window_counts = {"samples": 0, "tokens": 0}
                     window_start = time.perf_counter()
 
                 is_last = state.step == total
