@@ -58,11 +58,19 @@ class MetricSums:
     def global_sums(self, accelerator: Any | None) -> dict[str, list[float]]:
         """Sums over all processes (kept pending), so a resumed run logs the same window averages."""
         names = sorted(self._pending)
+        distributed = accelerator is not None and accelerator.num_processes > 1
+        if distributed:  # a process with no batches (uneven eval split) must still join the reduce
+            from accelerate.utils import gather_object
+
+            names = sorted({n for group in gather_object([names]) for n in group})
         if not names:
             return {}
         device = accelerator.device if accelerator is not None else torch.device("cpu")
-        stacked = torch.stack([torch.stack(self._pending[n]).to(device).sum(0) for n in names])
-        if accelerator is not None and accelerator.num_processes > 1:
+        zero = torch.zeros(2)
+        stacked = torch.stack([
+            torch.stack(self._pending[n]).to(device).sum(0) if n in self._pending else zero.to(device) for n in names
+        ])
+        if distributed:
             stacked = accelerator.reduce(stacked, reduction="sum")
         return dict(zip(names, stacked.cpu().tolist()))
 

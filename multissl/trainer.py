@@ -445,6 +445,8 @@ class Trainer:
                 if bad:
                     state.nonfinite_in_a_row += 1
                     state.nonfinite_total += 1
+                    if acc.scaler is not None:  # fp16: grads were unscaled; lower the scale and re-arm
+                        acc.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     self.print(f"warning: non-finite loss/gradients at step {state.step + 1}; step skipped "
                                f"({state.nonfinite_in_a_row} in a row)")
@@ -518,12 +520,15 @@ class Trainer:
     def _evaluate(self, objective: Objective, model: nn.Module, loader: Any, tag: str) -> dict[str, Any]:
         acc = self.accelerator
         model.eval()
+        # Evaluate the unwrapped module: processes may get unequal numbers of eval batches, and a
+        # DDP forward could otherwise start collectives that the other processes never join.
+        inner = acc.unwrap_model(model)
         sums = MetricSums()
         for i, batch in enumerate(loader):
             if self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches:
                 break
             with acc.autocast():
-                out = objective.compute(model, _to_device(batch, acc.device))
+                out = objective.compute(inner, _to_device(batch, acc.device))
             sums.add(out)
         means = objective.summarize(sums.reduce(acc))
         record: dict[str, Any] = {f"{tag}/{k}": v for k, v in means.items()}

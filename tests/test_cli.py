@@ -71,7 +71,9 @@ def test_two_processes(tmp_path: Path) -> None:
     """MLM under torchrun with 2 CPU processes (gloo): one set of files, metrics once per step."""
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
                 "trainer.max_steps=6", "trainer.log_every=2", "trainer.save_every=3", "trainer.progress_bar=false",
-                "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=8"],
+                "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=8",
+                # one eval batch in all: process 1 gets none and must still join the metric reduction
+                "trainer.eval_batch_size=100000", "trainer.eval_every=3"],
                timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +84,8 @@ def test_two_processes(tmp_path: Path) -> None:
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["samples_seen"] == 6 * 8 * 2, "samples counted over both processes"
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6] and all(r["eval/loss"] > 0 for r in evals)
     assert all(r["throughput/samples_per_s"] > 0 for r in rows if "train/loss" in r)
     from transformers import AutoModelForMaskedLM
 
