@@ -6,6 +6,7 @@ names the key and its closest matches, so a typo never silently trains with a de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -45,12 +46,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
-            try:
+            with contextlib.suppress(ConfigError):
                 return coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(err)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

@@ -228,7 +228,8 @@ class Trainer:
             import yaml
 
             old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            changed = sorted(k for k in _flatten(new) if _flatten(old).get(k) != _flatten(new)[k])
+            flat_old, flat_new = _flatten(old), _flatten(new)
+            changed = sorted(k for k, v in flat_new.items() if flat_old.get(k) != v)
             if changed:
                 print(f"note: config differs from the one saved in {path}: {', '.join(changed)}", flush=True)
         config_lib.save(run_config, path)
@@ -436,7 +437,7 @@ class Trainer:
                         loss = scalar(out["loss"])
                         nonfinite_loss += (~torch.isfinite(loss.detach())).float()
                         acc.backward(loss)
-                    window.add({k: v for k, v in out.items()})
+                    window.add(out)
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                 grad_norm_f = float(grad_norm) if grad_norm is not None else float("nan")
                 if acc.num_processes > 1:

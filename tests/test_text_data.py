@@ -100,3 +100,11 @@ def test_dataset_folder_with_named_splits(tmp_path: Path) -> None:
     assert len(train) == 50 and list(held["text"]) == DOCS[50:] and source == str(root)
     with pytest.raises(DataError, match="split 'test'"):
         load_raw(TextDataConfig(dataset=str(root), eval_split="test"), seed=0)
+
+
+def test_non_utf8_jsonl_is_named(tmp_path: Path) -> None:
+    good = _write(tmp_path, "jsonl")
+    bad = tmp_path / "z_bad.jsonl"
+    bad.write_bytes(json.dumps({"body": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"z_bad.jsonl: not valid UTF-8 \(first bad byte at offset 13\)"):
+        load_raw(TextDataConfig(files=[str(good), str(bad)], text_column="body"), seed=0)

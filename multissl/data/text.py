@@ -7,6 +7,8 @@ about zero: only the last block of each map batch can be short, and no token is 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -93,16 +95,27 @@ def _builder_for(files: list[Path], what: str) -> str:
     return builders.pop()
 
 
-def _first_undecodable(files: list[Path]) -> tuple[Path, int] | None:
-    """The first file (and byte offset) that is not UTF-8, to name it in the error."""
+def _first_undecodable(files: list[Path], chunk: int = 1 << 20) -> tuple[Path, int] | None:
+    """The first file (and byte offset) that is not UTF-8, to name it in the error.
+
+    Only called after a load failed, so a healthy corpus is never read twice.
+    """
+    import codecs
+
     for f in files:
         if f.suffix.lower() == ".parquet":
             continue
-        data = f.read_bytes()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return f, err.start
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with f.open("rb") as fh:
+            while True:
+                block = fh.read(chunk)
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as err:
+                    return f, offset + err.start
+                if not block:
+                    break
+                offset += len(block)
     return None
 
 
@@ -121,18 +134,26 @@ def load_files(files: list[Path], cfg: TextDataConfig, what: str, streaming: boo
         kwargs["sample_by"] = cfg.sample_by
     if builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
         kwargs["sep"] = "\t"
-    bad = _first_undecodable(files) if builder != "parquet" and not streaming else None
-    if bad:
-        raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); re-encode it as UTF-8")
-    try:
+    with naming_bad_files(files, what):
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs)
-    except UnicodeDecodeError:
+
+
+@contextlib.contextmanager
+def naming_bad_files(files: list[Path], what: str) -> Iterator[None]:
+    """Turn a failure while reading ``files`` into one line that names the culprit.
+
+    Bad bytes surface late and in many forms (the text builder raises while generating, Arrow's
+    JSON reader keeps them and Python fails on first access), so the files are scanned for
+    non-UTF-8 content only once something has failed.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
         bad = _first_undecodable(files)
-        where = f"{bad[0]} (byte {bad[1]})" if bad else ", ".join(map(str, files))
-        raise DataError(f"{where}: not valid UTF-8; re-encode it as UTF-8") from None
-    except Exception as err:  # datasets wraps parser errors in several exception types
-        if isinstance(err, DataError):
-            raise
+        if bad:
+            raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); re-encode it as UTF-8") from None
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {msg}") from None
 
@@ -157,6 +178,7 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
     """Raw ``(train, eval, source description)`` datasets with a text column, empties dropped."""
     from multissl.data.demo import demo_text_splits
 
+    files: list[Path] = []
     if cfg.files:
         files = expand_files(cfg.files)
         train, source = load_files(files, cfg, "data.files", cfg.streaming), ", ".join(cfg.files)
@@ -171,13 +193,16 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
     _check_column(train, cfg.text_column, source)
     eval_ds = None
     if cfg.eval_files:
-        eval_ds = load_files(expand_files(cfg.eval_files, "data.eval_files"), cfg, "data.eval_files", cfg.streaming)
+        eval_files = expand_files(cfg.eval_files, "data.eval_files")
+        files = files + eval_files
+        eval_ds = load_files(eval_files, cfg, "data.eval_files", cfg.streaming)
         _check_column(eval_ds, cfg.text_column, "data.eval_files")
     elif cfg.eval_split:
         eval_ds = load_hub(cfg, cfg.eval_split)
         _check_column(eval_ds, cfg.text_column, f"{source} split {cfg.eval_split}")
-    train = _clean(train, cfg.text_column, source, cfg)
-    eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg) if eval_ds is not None else None
+    with naming_bad_files(files, source):  # the first full pass over the rows
+        train = _clean(train, cfg.text_column, source, cfg)
+        eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg) if eval_ds is not None else None
     if eval_ds is None and cfg.validation_fraction > 0:
         if cfg.streaming:  # no length to split by: a document's hash decides its side
             from multissl.data.demo import is_heldout
