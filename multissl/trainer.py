@@ -114,7 +114,9 @@ class TrainerState:
     nonfinite_total: int = 0
     train_seconds: float = 0.0
     log_window: dict[str, list[float]] = field(default_factory=dict)
-    """Metric sums since the last log line (per process), so logs after a resume match."""
+    """Metric sums since the last log line (over processes), so logs after a resume match."""
+    rank_positions: list[list[int]] = field(default_factory=list)
+    """(epoch, batch_in_epoch) of every process: streamed shards can be consumed unevenly."""
 
 
 @dataclass
@@ -238,6 +240,10 @@ class Trainer:
     def _save_checkpoint(self, state: TrainerState, window: MetricSums | None = None) -> Path:
         acc = self.accelerator
         state.log_window = window.global_sums(acc) if window is not None else {}
+        from accelerate.utils import gather_object
+
+        positions = [[state.epoch, state.batch_in_epoch]]
+        state.rank_positions = gather_object(positions) if acc.num_processes > 1 else positions
         root = self.output_dir / CHECKPOINTS
         final = root / f"step_{state.step:08d}"
         tmp = root / f".partial-step_{state.step:08d}"
@@ -260,7 +266,11 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> TrainerState:
         self.accelerator.load_state(str(path))
         raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        return TrainerState(**raw)
+        state = TrainerState(**raw)
+        rank = self.accelerator.process_index
+        if len(state.rank_positions) == self.accelerator.num_processes:  # same process count: own position
+            state.epoch, state.batch_in_epoch = state.rank_positions[rank]
+        return state
 
     # -------------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -118,3 +118,11 @@ def test_speed_options_train(tmp_path: Path, option: str) -> None:
     assert result.state.nonfinite_total == 0
     if "checkpointing" in option:
         assert result.model.is_activation_checkpointing
+
+
+def test_samples_stop_at_the_context_length(tmp_path: Path) -> None:
+    result = clm.main(tiny_args(tmp_path, steps=2, **{"data.max_seq_len": 16, "sampling.max_new_tokens": 50}))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert all(len(tok(s)["input_ids"]) <= 16 for s in result.final_metrics["samples"])

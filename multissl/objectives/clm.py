@@ -26,6 +26,7 @@ class CausalLM(LanguageModelObjective):
                          model_cfg.arch, model_cfg.size)
         self.sample_prompts = sample_prompts or []
         self.sample_tokens = sample_tokens
+        self.max_seq_len = max_seq_len
         gen = self.model.generation_config
         gen.pad_token_id, gen.eos_token_id = self.pad_id, tokenizer.eos_token_id
 
@@ -52,7 +53,10 @@ class CausalLM(LanguageModelObjective):
         samples = []
         for prompt in self.sample_prompts:
             enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=self.sample_tokens, do_sample=False)
+            room = self.max_seq_len - enc["input_ids"].shape[1]  # never past the learned positions
+            if room <= 0:
+                continue
+            out = model.generate(**enc, max_new_tokens=min(self.sample_tokens, room), do_sample=False)
             samples.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
         return {"samples": samples}
 
