@@ -25,7 +25,7 @@ from torch import nn
 from multissl import config as config_lib
 from multissl.data.loader import make_loader
 from multissl.errors import ConfigError, TrainingError, TrainingInterrupted
-from multissl.metrics import JsonlWriter, MetricSums, scalar
+from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.objectives.base import Objective
 
 CHECKPOINTS = "checkpoints"
@@ -444,7 +444,7 @@ class Trainer:
                     batch = _to_device(batch, acc.device)
                     with acc.accumulate(model), acc.autocast():
                         out = objective.compute(model, batch)
-                        loss = scalar(out["loss"])
+                        loss = self._backward_loss(out["loss"])
                         nonfinite_loss += (~torch.isfinite(loss.detach())).float()
                         acc.backward(loss)
                     window.add(out)
@@ -496,6 +496,10 @@ class Trainer:
                     })
                     if state.nonfinite_total:
                         record["train/nonfinite_steps"] = state.nonfinite_total
+                    warning = objective.on_log(means, state.step, warmup)
+                    if warning:
+                        self.print(f"warning: {warning}")
+                        record["train/warning"] = warning
                     log(record)
                     bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4f}",
                                     sps=f"{record['throughput/samples_per_s']:.1f}")
@@ -525,6 +529,17 @@ class Trainer:
         acc.end_training()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
                          self._exported(objective, model))
+
+    def _backward_loss(self, loss: Any) -> torch.Tensor:
+        """The loss to differentiate. A ``Mean`` is normalised by its count over all processes
+        (masked tokens/frames), so every item weighs the same whatever the split; DDP then
+        averages over processes, hence the factor num_processes."""
+        acc = self.accelerator
+        if not isinstance(loss, Mean) or acc.num_processes == 1:
+            return scalar(loss)
+        count = torch.as_tensor(loss.count, dtype=torch.float32, device=acc.device).detach().reshape(1)
+        total_count = acc.reduce(count.clone(), reduction="sum")
+        return loss.total * acc.num_processes / total_count.clamp_min(1e-12)[0]
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()

@@ -50,6 +50,10 @@ class Objective:
         """Called after every optimizer step (annealing schedules); returns values to log."""
         return {}
 
+    def on_log(self, metrics: dict[str, float], step: int, warmup_steps: int) -> str | None:
+        """Inspect the logged training means; a returned string is printed and logged as a warning."""
+        return None
+
     def on_evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Extra eval outputs, e.g. generated text samples (main process only)."""
         return {}
