@@ -175,8 +175,9 @@ def make_loader(
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
         stream = SeededStream(data, batch_size, seed=seed, split_tag=split_tag, rank=rank)
         return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
-    sampler = ShardedBatchSampler(
-        len(data), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-        rank=rank, world_size=world_size, split_tag=split_tag,
-    )
+    kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
+    if hasattr(data, "make_batch_sampler"):  # e.g. audio: batches by duration under a samples budget
+        sampler = data.make_batch_sampler(batch_size=batch_size, **kw)
+    else:
+        sampler = ShardedBatchSampler(len(data), batch_size, **kw)
     return DataLoader(KeyedDataset(data), batch_sampler=sampler, **common), sampler
