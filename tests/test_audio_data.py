@@ -249,14 +249,15 @@ def test_missing_sources_and_bad_config(tmp_path: Path) -> None:
 def test_dataset_source_with_embedded_bytes(tmp_path: Path) -> None:
     import io
 
-    from datasets import Dataset
+    from datasets import Audio, Dataset
 
     blobs = []
     for i in range(4):
         buf = io.BytesIO()
         sf.write(buf, _tone(1.0 + i, seed=i), SR, format="WAV")
         blobs.append({"bytes": buf.getvalue(), "path": f"utt{i}.wav"})
-    Dataset.from_dict({"audio": blobs, "label": [0, 1, 0, 1]}).save_to_disk(str(tmp_path / "ds"))
+    ds = Dataset.from_dict({"audio": blobs, "label": [0, 1, 0, 1]}).cast_column("audio", Audio())
+    ds.save_to_disk(str(tmp_path / "ds"))  # an Audio feature: read as bytes, without torchcodec
     train, held = prepare_audio(AudioDataConfig(dataset=str(tmp_path / "ds"), validation_fraction=0.25))
     assert held is not None and len(train) + len(held) == 4 and "label" in train.column_names
     batch = train.collator()([train[i] for i in range(len(train))], torch.Generator())

@@ -374,7 +374,7 @@ def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
             raise DataError(f"{path}: row {row}: no such audio file: {p}")
         paths.append(str(p.resolve()))
     cols: dict[str, list[Any]] = {"path": paths}
-    cols.update({c: ds[c] for c in OPTIONAL_COLUMNS if c in ds.column_names})
+    cols.update({c: list(ds[c]) for c in OPTIONAL_COLUMNS if c in ds.column_names})
     return cols
 
 
@@ -408,7 +408,7 @@ def _load_dataset_source(cfg: AudioDataConfig) -> dict[str, list[Any]]:
     cols: dict[str, list[Any]] = {"path": paths}
     if any(b is not None for b in blobs):
         cols["bytes"] = blobs
-    cols.update({c: ds[c] for c in OPTIONAL_COLUMNS if c in ds.column_names})
+    cols.update({c: list(ds[c]) for c in OPTIONAL_COLUMNS if c in ds.column_names})
     return cols
 
 
