@@ -160,7 +160,11 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> tuple[DataLoader, Any]:
-    """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it."""
+    """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it.
+
+    A dataset with a ``make_batch_sampler(batch_size=, seed=, shuffle=, drop_last=, rank=, world_size=,
+    split_tag=)`` method brings its own batch sampler (same protocol as `ShardedBatchSampler`).
+    """
     common: dict[str, Any] = {
         "collate_fn": SeededCollate(collate),
         "num_workers": num_workers,
