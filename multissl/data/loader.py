@@ -160,7 +160,11 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> tuple[DataLoader, Any]:
-    """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it."""
+    """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it.
+
+    A dataset with a ``make_batch_sampler(batch_size=, seed=, shuffle=, drop_last=, rank=, world_size=,
+    split_tag=)`` method brings its own batch sampler (same protocol as `ShardedBatchSampler`).
+    """
     common: dict[str, Any] = {
         "collate_fn": SeededCollate(collate),
         "num_workers": num_workers,
@@ -175,8 +179,9 @@ def make_loader(
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
         stream = SeededStream(data, batch_size, seed=seed, split_tag=split_tag, rank=rank)
         return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
-    sampler = ShardedBatchSampler(
-        len(data), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-        rank=rank, world_size=world_size, split_tag=split_tag,
-    )
+    kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
+    if hasattr(data, "make_batch_sampler"):  # e.g. audio: batches by duration under a samples budget
+        sampler = data.make_batch_sampler(batch_size=batch_size, **kw)
+    else:
+        sampler = ShardedBatchSampler(len(data), batch_size, **kw)
     return DataLoader(KeyedDataset(data), batch_sampler=sampler, **common), sampler
