@@ -110,6 +110,8 @@ class TrainerState:
     batch_in_epoch: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
+    seen: dict[str, float] = field(default_factory=dict)
+    """Every unit an objective counts (samples, tokens, audio_seconds, ...), over all processes."""
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     train_seconds: float = 0.0
@@ -299,12 +301,14 @@ class Trainer:
         return bool(flag.item() > 0)
 
     # ----------------------------------------------------------------------- fit
-    def total_steps(self, train_data: Any) -> int:
+    def total_steps(self, train_data: Any, batches_per_epoch: int | None = None) -> int:
+        """Optimizer steps: max_steps, or epochs x batches (this process's batches of the epoch)."""
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
         if not hasattr(train_data, "__len__"):
             raise ConfigError("streaming data has no length: set trainer.max_steps")
-        per_epoch = len(train_data) // (self.cfg.batch_size * self.accelerator.num_processes)
+        per_epoch = batches_per_epoch if batches_per_epoch is not None else \
+            len(train_data) // (self.cfg.batch_size * self.accelerator.num_processes)
         if per_epoch == 0:
             raise ConfigError(
                 f"the training set ({len(train_data)} samples) is smaller than one batch "
@@ -344,7 +348,9 @@ class Trainer:
 
     def fit(self, objective: Objective, train_data: Any, eval_data: Any = None) -> FitResult:
         cfg, acc = self.cfg, self.accelerator
-        total = self.total_steps(train_data)
+        train_loader, train_pos = self._loader(objective, train_data, train=True)
+        eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
+        total = self.total_steps(train_data, _len_or_none(train_loader))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
 
         model = objective.model
@@ -370,9 +376,6 @@ class Trainer:
             model = torch.compile(model)
         acc.register_for_checkpointing(scheduler)
         acc.register_for_checkpointing(objective)
-
-        train_loader, train_pos = self._loader(objective, train_data, train=True)
-        eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
 
         metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
         state = TrainerState()
@@ -417,17 +420,19 @@ class Trainer:
         if self.is_main:  # the saved sums are already totals over processes
             window.load_state_dict(state.log_window)
         window_start = time.perf_counter()
-        unsynced = [0, 0]  # samples, tokens on this process since the last sync
+        units = sorted({"samples", "tokens", *state.seen})
+        unsynced = dict.fromkeys(units, 0.0)  # this process's counts since the last sync
 
         def sync_counts() -> None:
-            totals = torch.tensor(unsynced, dtype=torch.float64, device=acc.device)
+            totals = torch.tensor([unsynced[u] for u in units], dtype=torch.float64, device=acc.device)
             if acc.num_processes > 1:
                 totals = acc.reduce(totals, reduction="sum")
-            state.samples_seen += int(totals[0])
-            state.tokens_seen += int(totals[1])
-            unsynced[:] = [0, 0]
+            for u, v in zip(units, totals.tolist()):
+                state.seen[u] = state.seen.get(u, 0.0) + v
+                unsynced[u] = 0.0
+            state.samples_seen, state.tokens_seen = int(state.seen["samples"]), int(state.seen["tokens"])
 
-        seen_at_window_start = (state.samples_seen, state.tokens_seen)
+        seen_at_window_start = dict(state.seen)
         model.train()
 
         with self._signals():
@@ -439,8 +444,11 @@ class Trainer:
                 for _ in range(cfg.grad_accum_steps):
                     batch = next(batches)
                     counts = objective.count(batch)
-                    unsynced[0] += counts.get("samples", 0)
-                    unsynced[1] += counts.get("tokens", 0)
+                    for u, v in counts.items():
+                        if u not in unsynced:  # a unit first seen now: all processes see it in batch 1
+                            units.append(u)
+                            unsynced[u] = 0.0
+                        unsynced[u] += v
                     batch = _to_device(batch, acc.device)
                     with acc.accumulate(model), acc.autocast():
                         out = objective.compute(model, batch)
@@ -480,9 +488,8 @@ class Trainer:
                     means = window.reduce(acc)
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     sync_counts()
-                    samples = state.samples_seen - seen_at_window_start[0]
-                    tokens = state.tokens_seen - seen_at_window_start[1]
-                    seen_at_window_start = (state.samples_seen, state.tokens_seen)
+                    done = {u: v - seen_at_window_start.get(u, 0.0) for u, v in state.seen.items()}
+                    seen_at_window_start = dict(state.seen)
                     record = {f"train/{k}": v for k, v in means.items()}
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
@@ -490,8 +497,7 @@ class Trainer:
                         "train/lr": scheduler.get_last_lr()[0],
                         "train/grad_norm": grad_norm_f,
                         "train/epoch": state.epoch + state.batch_in_epoch / max(1, _len_or_zero(train_loader)),
-                        "throughput/samples_per_s": samples / elapsed,
-                        **({"throughput/tokens_per_s": tokens / elapsed} if tokens > 0 else {}),
+                        **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items() if v > 0 or u == "samples"},
                         **{f"train/{k}": v for k, v in extra.items()},
                     })
                     if state.nonfinite_total:
@@ -590,10 +596,15 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _len_or_zero(loader: Any) -> int:
+    return _len_or_none(loader) or 0
+
+
+def _len_or_none(loader: Any) -> int | None:
+    """Batches in a loader (duration batching decides its own count); None for streams."""
     try:
         return len(loader)
     except TypeError:
-        return 0
+        return None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -37,8 +37,9 @@ class Objective:
         """Forward a batch through ``model`` (possibly DDP-wrapped); return ``{"loss": ..., **metrics}``."""
         raise NotImplementedError
 
-    def count(self, batch: Batch) -> dict[str, int]:
-        """Units of work in a batch for throughput: ``samples`` and optionally ``tokens``."""
+    def count(self, batch: Batch) -> dict[str, float]:
+        """Units of work in a batch: ``samples`` and any others (``tokens``, ``audio_seconds``);
+        each is logged as ``throughput/<unit>_per_s``. Every batch must report the same units."""
         first = next(iter(batch.values()))
         return {"samples": int(first.shape[0])}
 

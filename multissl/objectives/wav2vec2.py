@@ -177,6 +177,7 @@ class Wav2Vec2Pretraining(Objective):
         self.size = model_cfg.size
         self.audio_collate = audio_collate
         self.feature_extractor = feature_extractor
+        self.sample_rate = getattr(audio_collate, "sample_rate", 16000)
         cfg = self.model.config
         self.kernels, self.strides = tuple(cfg.conv_kernel), tuple(cfg.conv_stride)
         self.num_codevectors = cfg.num_codevectors_per_group * cfg.num_codevector_groups
@@ -203,7 +204,8 @@ class Wav2Vec2Pretraining(Objective):
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        return {"samples": int(batch["input_values"].shape[0]), "audio_samples": int(batch["attention_mask"].sum())}
+        seconds = float(batch["attention_mask"].sum()) / self.sample_rate
+        return {"samples": int(batch["input_values"].shape[0]), "audio_seconds": seconds}
 
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         mask = batch["mask_time_indices"]
