@@ -61,7 +61,7 @@ class Wav2Vec2LossConfig:
     gumbel_decay: float = 0.999995
     collapse_perplexity: float = 0.0
     """Warn when codevector perplexity falls below this after warm-up; 0 = 10% of the codebook."""
-    collapse_patience: int = 20
+    collapse_patience: int = 5
     """Log intervals in a row with a collapsed codebook (or chance accuracy) before warning."""
     stop_on_collapse: bool = False
 
