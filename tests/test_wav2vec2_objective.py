@@ -113,8 +113,9 @@ def test_collapse_guard_warns_then_stops() -> None:
     assert obj.on_log(collapsed, step=5, warmup_steps=10) is None, "quiet during warm-up"
     assert obj.on_log(collapsed, step=20, warmup_steps=10) is None
     assert "codevector perplexity 2.0" in obj.on_log(collapsed, step=30, warmup_steps=10)
+    assert obj.on_log(collapsed, step=40, warmup_steps=10) is None, "once per patience window, not every log"
     healthy = {"codevector_perplexity": 80.0, "contrastive_accuracy": 0.5}
-    assert obj.on_log(healthy, step=40, warmup_steps=10) is None
+    assert obj.on_log(healthy, step=50, warmup_steps=10) is None
     from multissl.errors import TrainingError
 
     stopper = _objective(collapse_patience=1, stop_on_collapse=True)

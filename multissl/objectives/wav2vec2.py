@@ -262,10 +262,15 @@ class Wav2Vec2Pretraining(Objective):
         self.low_perplexity_steps = self.low_perplexity_steps + 1 if (collapsed or stuck) else 0
         if self.low_perplexity_steps < max(1, self.loss_cfg.collapse_patience):
             return None
-        what = (f"codevector perplexity {metrics['codevector_perplexity']:.1f} < {floor:.1f}" if collapsed
-                else f"contrastive accuracy {metrics.get('contrastive_accuracy', 0):.3f} at chance ({chance:.3f})")
-        msg = (f"step {step}: {what} for {self.low_perplexity_steps} log intervals; try a higher loss.gumbel_start (2.0), "
-               "loss.diversity_weight >= 0.1, a lower trainer.lr or a longer warm-up")
+        count, self.low_perplexity_steps = self.low_perplexity_steps, 0  # warn once per patience window
+        if collapsed:
+            msg = (f"step {step}: codevector perplexity {metrics['codevector_perplexity']:.1f} < {floor:.1f} for {count} "
+                   "log intervals: the codebook is collapsing (the contrastive loss then falls for the wrong reason); "
+                   "try a higher loss.diversity_weight, loss.gumbel_start=2.0, a lower trainer.lr or a longer warm-up")
+        else:
+            msg = (f"step {step}: contrastive accuracy {metrics.get('contrastive_accuracy', 0):.3f} at chance "
+                   f"({chance:.3f}) for {count} log intervals; small models often sit at ln(K+1) for hundreds of "
+                   "steps: train longer, or try a larger batch (data.max_batch_samples) or a higher trainer.lr")
         if self.loss_cfg.stop_on_collapse:
             raise TrainingError(msg)
         return msg
