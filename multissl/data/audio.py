@@ -15,16 +15,16 @@ import functools
 import io
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
-from multissl.data.loader import batch_seed
+from multissl.data.files import expand_files
+from multissl.data.loader import ShardedBatches, batch_seed
 from multissl.errors import ConfigError, DataError
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
@@ -198,7 +198,7 @@ class AudioCollator:
 
 
 # ------------------------------------------------------------------------------- batching
-class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
+class DurationBatchSampler(ShardedBatches):
     """This process's batches of ``(index, batch_seed)``, built from utterances of similar length.
 
     Per epoch, utterances are shuffled within log-spaced length buckets (``bucket_width`` apart),
@@ -222,21 +222,15 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
         split_tag: int = 0,
         bucket_width: float = 0.05,
     ) -> None:
+        super().__init__(seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size,
+                         split_tag=split_tag)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if len(self.lengths) == 0:
             raise ValueError("cannot batch an empty dataset")
         if self.lengths.max() > max_batch_samples:
             raise ValueError(f"an utterance of {self.lengths.max()} samples exceeds max_batch_samples={max_batch_samples}")
         self.max_batch_samples = max_batch_samples
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.rank, self.world_size, self.split_tag = rank, world_size, split_tag
         self.buckets = np.floor(np.log(np.maximum(self.lengths, 1)) / math.log1p(bucket_width)).astype(np.int64)
-        self.epoch = 0
-        self.start_batch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         batches: list[list[int]] = []
@@ -254,10 +248,7 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
             batches.append(current)
         return batches
 
-    def global_batches(self) -> list[list[int]]:
-        """Every process's batches for the current epoch, in order (cached per epoch)."""
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
+    def _make_batches(self) -> list[list[int]]:
         if self.shuffle:
             rng = np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch))
             perm = rng.permutation(len(self.lengths))
@@ -266,21 +257,7 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         else:
             batches = self._cut(np.argsort(self.lengths, kind="stable"))
-        if self.drop_last:
-            batches = batches[: len(batches) - len(batches) % self.world_size]
-        self._cache = (self.epoch, batches)
         return batches
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.global_batches()), self.world_size))
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self.global_batches()
-        for local_i, b in enumerate(range(self.rank, len(batches), self.world_size)):
-            if local_i < self.start_batch:
-                continue
-            s = batch_seed(self.seed, self.split_tag, self.epoch, b)
-            yield [(i, s) for i in batches[b]]
 
     def padding_fraction(self) -> float:
         """Share of padded samples in this epoch's batches (over all processes)."""
@@ -328,25 +305,6 @@ class AudioDataset:
 
 
 # ------------------------------------------------------------------------------- loading
-def expand_audio_files(paths: list[str]) -> list[Path]:
-    """Audio files named directly or found (recursively, sorted) in named folders."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTS)
-            if not found:
-                raise DataError(f"data.files: folder {p} holds no {'/'.join(AUDIO_EXTS)} files")
-            out.extend(found)
-        elif p.is_file():
-            if p.suffix.lower() not in AUDIO_EXTS:
-                raise DataError(f"data.files: {p}: unsupported file type {p.suffix!r}; use one of {', '.join(AUDIO_EXTS)}")
-            out.append(p)
-        else:
-            raise DataError(f"data.files: no such file or folder: {p}")
-    return [p.resolve() for p in out]
-
-
 def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
     """Columns of a manifest, paths made absolute; a missing file is an error naming its row."""
     import datasets
@@ -431,7 +389,7 @@ def load_utterances(cfg: AudioDataConfig) -> tuple[Any, str]:
     import datasets
 
     if cfg.files:
-        cols, source = {"path": [str(p) for p in expand_audio_files(cfg.files)]}, ", ".join(cfg.files)
+        cols, source = {"path": [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_EXTS)]}, ", ".join(cfg.files)
     elif cfg.dataset:
         cols, source = _load_dataset_source(cfg), cfg.dataset
     else:

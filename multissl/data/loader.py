@@ -22,62 +22,69 @@ def batch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]) >> 1
 
 
-class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields this process's batches of ``(index, batch_seed)`` for one epoch.
+class ShardedBatches(Sampler[list[tuple[int, int]]]):
+    """Sharding, resume and batch seeds shared by every batch sampler; subclasses only say what
+    the epoch's global batches are (``_make_batches``).
 
-    The order is a permutation seeded by ``(seed, epoch)``; global batch ``b`` goes to process
-    ``b % world_size``. Training drops the batches that would leave processes with unequal counts
-    (DDP needs the same number of steps everywhere); eval keeps every sample exactly once.
+    Global batch ``b`` goes to process ``b % world_size``. Training (``drop_last``) drops the last
+    few batches so that every process gets the same count (DDP needs the same number of steps
+    everywhere); eval keeps every sample exactly once. Each batch yields ``(index, batch_seed)``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        seed: int,
-        shuffle: bool,
-        drop_last: bool,
-        rank: int = 0,
-        world_size: int = 1,
-        split_tag: int = 0,
-    ) -> None:
-        if num_samples <= 0:
-            raise ValueError("cannot batch an empty dataset")
-        self.num_samples, self.batch_size = num_samples, batch_size
+    def __init__(self, *, seed: int, shuffle: bool, drop_last: bool, rank: int = 0, world_size: int = 1,
+                 split_tag: int = 0) -> None:
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.rank, self.world_size, self.split_tag = rank, world_size, split_tag
         self.epoch = 0
         self.start_batch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _global_batches(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size)
-        n = full if (self.drop_last or rest == 0) else full + 1
-        if self.drop_last:  # equal counts on every process
-            n -= n % self.world_size
-        return n
+    def _make_batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def global_batches(self) -> list[list[int]]:
+        """Every process's batches for the current epoch, in order (cached per epoch)."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            batches = self._make_batches()
+            if self.drop_last:
+                batches = batches[: len(batches) - len(batches) % self.world_size]
+            self._cache = (self.epoch, batches)
+        return self._cache[1]
 
     def __len__(self) -> int:
-        n = self._global_batches()
-        return len(range(self.rank, n, self.world_size))
+        return len(range(self.rank, len(self.global_batches()), self.world_size))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self.global_batches()
+        for local_i, b in enumerate(range(self.rank, len(batches), self.world_size)):
+            if local_i < self.start_batch:
+                continue
+            s = batch_seed(self.seed, self.split_tag, self.epoch, b)
+            yield [(i, s) for i in batches[b]]
+
+
+class ShardedBatchSampler(ShardedBatches):
+    """Fixed-size batches of a permutation seeded by ``(seed, epoch)``."""
+
+    def __init__(self, num_samples: int, batch_size: int, **kwargs: Any) -> None:
+        if num_samples <= 0:
+            raise ValueError("cannot batch an empty dataset")
+        super().__init__(**kwargs)
+        self.num_samples, self.batch_size = num_samples, batch_size
+
+    def _make_batches(self) -> list[list[int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(batch_seed(self.seed, self.split_tag, self.epoch))
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        n = self._global_batches()
-        mine = range(self.rank, n, self.world_size)
-        for local_i, b in enumerate(mine):
-            if local_i < self.start_batch:
-                continue
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            s = batch_seed(self.seed, self.split_tag, self.epoch, b)
-            yield [(i, s) for i in idx]
+        batches = [order[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
+        if self.drop_last and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
 
 
 class KeyedDataset(Dataset):

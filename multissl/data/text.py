@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from multissl.data.files import expand_files
 from multissl.errors import ConfigError, DataError
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -69,25 +70,6 @@ class TextData:
 
 
 # ------------------------------------------------------------------------------- loading
-def expand_files(paths: list[str], what: str = "data.files") -> list[Path]:
-    """Files named directly or found (recursively, sorted) in named folders."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
-            if not found:
-                raise DataError(f"{what}: folder {p} holds no {'/'.join(sorted(BUILDERS))} files")
-            out.extend(found)
-        elif p.is_file():
-            if p.suffix.lower() not in BUILDERS:
-                raise DataError(f"{what}: {p}: unsupported file type {p.suffix!r}; use one of {', '.join(sorted(BUILDERS))}")
-            out.append(p)
-        else:
-            raise DataError(f"{what}: no such file or folder: {p}")
-    return out
-
-
 def _builder_for(files: list[Path], what: str) -> str:
     builders = {BUILDERS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
@@ -180,7 +162,7 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
 
     files: list[Path] = []
     if cfg.files:
-        files = expand_files(cfg.files)
+        files = expand_files(cfg.files, BUILDERS)
         train, source = load_files(files, cfg, "data.files", cfg.streaming), ", ".join(cfg.files)
     elif cfg.dataset:
         train, source = load_hub(cfg, cfg.split), cfg.dataset
@@ -193,7 +175,7 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
     _check_column(train, cfg.text_column, source)
     eval_ds = None
     if cfg.eval_files:
-        eval_files = expand_files(cfg.eval_files, "data.eval_files")
+        eval_files = expand_files(cfg.eval_files, BUILDERS, "data.eval_files")
         files = files + eval_files
         eval_ds = load_files(eval_files, cfg, "data.eval_files", cfg.streaming)
         _check_column(eval_ds, cfg.text_column, "data.eval_files")
