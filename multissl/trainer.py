@@ -30,6 +30,7 @@ from multissl.objectives.base import Objective
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+SKIP_PREFIX = "skipped_"  # count units that are running totals of dropped bad inputs, not throughput
 
 
 @dataclass
@@ -497,7 +498,9 @@ class Trainer:
                         "train/lr": scheduler.get_last_lr()[0],
                         "train/grad_norm": grad_norm_f,
                         "train/epoch": state.epoch + state.batch_in_epoch / max(1, _len_or_zero(train_loader)),
-                        **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items() if v > 0 or u == "samples"},
+                        **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items()
+                           if not u.startswith(SKIP_PREFIX) and (v > 0 or u == "samples")},
+                        **{f"data/{u}": v for u, v in state.seen.items() if u.startswith(SKIP_PREFIX) and v > 0},
                         **{f"train/{k}": v for k, v in extra.items()},
                     })
                     if state.nonfinite_total:
@@ -529,6 +532,10 @@ class Trainer:
                         "Run the same command again to resume."
                     )
         bar.close()
+        for unit, total in state.seen.items():
+            if unit.startswith(SKIP_PREFIX) and total > 0:
+                self.print(f"warning: {unit.removeprefix(SKIP_PREFIX).replace('_', ' ')}: {int(total)} skipped during "
+                           "training (all workers and processes; the first few are named above)")
         if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
             final_metrics = self._evaluate(objective, model, eval_loader, tag="eval")
         self._export(objective, model, state, final_metrics, history)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # torchrun, multissl and friends of this environment
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
@@ -33,3 +35,9 @@ def tiny_args(out: Path, steps: int = 20, **extra: object) -> list[str]:
     ]
     args += [f"{k}={v}" for k, v in extra.items()]
     return args
+
+
+def run(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """A command from the repository root, offline, with the package importable."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)

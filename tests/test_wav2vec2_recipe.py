@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from multissl import config
+from multissl.data.audio import prepare_audio
 from multissl.data.speech_demo import build_speech_corpus
 from multissl.metrics import read_jsonl
 from recipes import wav2vec2
+from tests.conftest import BIN, run
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,67 @@ def test_bad_files_are_skipped_and_the_run_completes(tmp_path: Path, corpus: Pat
     (folder / "truncated.wav").write_bytes(good[:30])
     sf.write(folder / "silent.wav", np.zeros(32000, dtype=np.float32), 16000)
     sf.write(folder / "stereo_8k.wav", np.random.default_rng(0).normal(0, 0.1, (24000, 2)).astype(np.float32), 8000)
-    result = wav2vec2.main(_args(tmp_path / "run", corpus, 6) + [f"data.files=[{folder}]", "data.manifest="])
+    args = _args(tmp_path / "run", corpus, 6, **{"trainer.num_workers": 2, "trainer.log_every": 3})
+    result = wav2vec2.main(args + [f"data.files=[{folder}]", "data.manifest="])
     assert result.state.step == 6
     printed = capsys.readouterr().out
     assert "skipping 3 unreadable audio file(s)" in printed
     assert all(name in printed for name in ("empty.wav", "text.wav", "truncated.wav"))
+    # silent.wav passes the header probe and is dropped by the collator, in whichever worker builds
+    # its batch; the logged total counts every time it came up, over both workers.
+    cfg = config.load(wav2vec2.Wav2Vec2Config, args + [f"data.files=[{folder}]", "data.manifest="])
+    train, _ = prepare_audio(cfg.data, cfg.trainer.seed)
+    sampler = train.make_batch_sampler(batch_size=0, seed=cfg.trainer.seed, shuffle=True, drop_last=True, rank=0,
+                                       world_size=1, split_tag=0)
+    silent = [i for i, p in enumerate(train.data["path"]) if p.endswith("silent.wav")]
+    drawn: list[int] = []
+    epoch = 0
+    while len(drawn) < 6:
+        sampler.set_epoch(epoch)
+        drawn += [sum(i in silent for i, _ in b) for b in sampler][: 6 - len(drawn)]
+        epoch += 1
+    assert sum(drawn) > 0
+    logged = [r.get("data/skipped_audio_files", 0) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert logged == [sum(drawn[:3]), sum(drawn)]
+    assert f"audio files: {sum(drawn)} skipped during training" in printed
+
+
+def test_two_processes_normalise_the_loss_over_all_masked_frames(tmp_path: Path, corpus: Path) -> None:
+    """DDP gradients with 1 and 3 utterances per process equal one process's over all 4."""
+    from tests.dist_wav2vec2_grads import build_objective, grads, loss_of
+
+    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/dist_wav2vec2_grads.py", str(corpus),
+                str(tmp_path / "grads.pt")], timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "grads.pt")
+    objective, batches = build_objective(str(corpus))
+    losses = [loss_of(objective, objective.model, batches, i) for i in range(2)]
+    assert float(losses[0].count) * 2 < float(losses[1].count), "the processes must hold unequal masked frames"
+    ((losses[0].total + losses[1].total) / (losses[0].count + losses[1].count)).backward()
+    want = grads(objective.model)
+    assert got.keys() == want.keys() and len(want) > 10
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_two_processes_end_to_end(tmp_path: Path, corpus: Path) -> None:
+    """The recipe under torchrun: duration batches sharded, units counted over both processes."""
+    args = _args(tmp_path, corpus, 4, **{"trainer.eval_every": 4, "trainer.log_every": 2})
+    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/wav2vec2.py", *args],
+               timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval/contrastive_loss" in r] == [0, 4]
+    cfg = config.load(wav2vec2.Wav2Vec2Config, args)
+    train, _ = prepare_audio(cfg.data, cfg.trainer.seed)
+    used = 0
+    for rank in (0, 1):
+        sampler = train.make_batch_sampler(batch_size=0, seed=cfg.trainer.seed, shuffle=True, drop_last=True,
+                                           rank=rank, world_size=2, split_tag=0)
+        used += sum(len(b) for b in list(sampler)[:4])
+    state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == used
+    from transformers import Wav2Vec2Model
+
+    Wav2Vec2Model.from_pretrained(tmp_path / "model")

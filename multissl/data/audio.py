@@ -139,10 +139,12 @@ def load_audio(source: str | Path | bytes, target_rate: int, name: str | None = 
 
 
 class AudioCollator:
-    """``(samples, generator) -> {"input_values", "attention_mask", "lengths"}``, padded to the longest.
+    """``(samples, generator) -> {"input_values", "attention_mask", "lengths", "skipped"}``, padded to
+    the longest.
 
-    Bad files are skipped and counted in ``skipped`` (per process: each DataLoader worker has its own
-    copy), with a warning for the first few; a batch with no usable sample is an error.
+    Bad files are skipped with a warning for the first few (per DataLoader worker) and counted twice:
+    in ``skipped`` (this copy of the collator) and in the batch's ``skipped`` entry, which travels to
+    the trainer, so the total over workers and processes can be logged.
     """
 
     def __init__(self, sample_rate: int = 16000, max_seconds: float = 15.6, normalize: bool = True,
@@ -167,6 +169,7 @@ class AudioCollator:
         offsets = torch.rand(len(samples), generator=generator, dtype=torch.float64).tolist()
         waves: list[np.ndarray] = []
         first_error: BadAudio | None = None
+        skipped = 0
         for sample, u in zip(samples, offsets):
             raw = sample.get("bytes")
             try:
@@ -176,6 +179,7 @@ class AudioCollator:
                     raise BadAudio(str(err)) from None
                 first_error = first_error or err
                 self._skip(err)
+                skipped += 1
                 continue
             if len(x) > self.max_samples:
                 start = int(u * (len(x) - self.max_samples + 1))
@@ -194,7 +198,8 @@ class AudioCollator:
             mean = (v * m).sum(1, keepdim=True) / lengths[:, None]
             var = (((v - mean) * m) ** 2).sum(1, keepdim=True) / lengths[:, None]
             values = ((v - mean) / torch.sqrt(var + 1e-7) * m).float()
-        return {"input_values": values, "attention_mask": mask.long(), "lengths": lengths}
+        return {"input_values": values, "attention_mask": mask.long(), "lengths": lengths,
+                "skipped": torch.tensor(skipped)}
 
 
 # ------------------------------------------------------------------------------- batching

@@ -39,7 +39,9 @@ class Objective:
 
     def count(self, batch: Batch) -> dict[str, float]:
         """Units of work in a batch: ``samples`` and any others (``tokens``, ``audio_seconds``);
-        each is logged as ``throughput/<unit>_per_s``. Every batch must report the same units."""
+        each is logged as ``throughput/<unit>_per_s``. Every batch must report the same units.
+        Units named ``skipped_*`` (bad inputs the collator dropped) are logged as running totals over
+        all workers and processes (``data/<unit>``) instead of rates."""
         first = next(iter(batch.values()))
         return {"samples": int(first.shape[0])}
 

@@ -205,7 +205,8 @@ class Wav2Vec2Pretraining(Objective):
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         seconds = float(batch["attention_mask"].sum()) / self.sample_rate
-        return {"samples": int(batch["input_values"].shape[0]), "audio_seconds": seconds}
+        return {"samples": int(batch["input_values"].shape[0]), "audio_seconds": seconds,
+                "skipped_audio_files": int(batch["skipped"]) if "skipped" in batch else 0}
 
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         mask = batch["mask_time_indices"]
