@@ -262,3 +262,41 @@ def test_dataset_source_with_embedded_bytes(tmp_path: Path) -> None:
     assert held is not None and len(train) + len(held) == 4 and "label" in train.column_names
     batch = train.collator()([train[i] for i in range(len(train))], torch.Generator())
     assert batch["input_values"].shape[0] == len(train)
+
+
+# ------------------------------------------------------------------------------- streaming
+def test_stream_batches_every_utterance_once_within_budget(corpus: Path, tmp_path: Path) -> None:
+    from multissl.data.audio_stream import DurationStream
+
+    rows = [{"path": str(p)} for p in sorted((corpus.parent / "wavs").glob("*.wav"))]
+    sf.write(tmp_path / "short.wav", _tone(0.3), SR)  # under min_seconds: dropped
+    (tmp_path / "broken.wav").write_bytes(b"RIFF")  # unreadable header: passed on for the collator to count
+    rows[5:5] = [{"path": str(tmp_path / "short.wav")}, {"path": str(tmp_path / "broken.wav")}]
+    cfg = AudioDataConfig(max_seconds=3.0, max_batch_samples=160_000, shuffle_buffer=10)
+    stream = DurationStream(rows, cfg, seed=0, shuffle=True, split_tag=0, rank=0)
+    epochs = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        epochs.append(list(stream))
+        seen = [r["path"] for batch, _ in epochs[-1] for r in batch]
+        assert sorted(seen) == sorted(r["path"] for r in rows if "short" not in r["path"])
+        for batch, _ in epochs[-1]:
+            lengths = [min(sf.info(r["path"]).frames, cfg.max_samples) if "broken" not in r["path"] else 0 for r in batch]
+            assert max(lengths) * len(batch) <= cfg.max_batch_samples
+    assert [[r["path"] for r in b] for b, _ in epochs[0]] != [[r["path"] for r in b] for b, _ in epochs[1]]
+    stream.set_epoch(1, start_batch=4)  # resume: the same batches, with the same seeds, from batch 4
+    assert list(stream) == epochs[1][4:]
+
+
+def test_streaming_prepare_reads_nothing_up_front(corpus: Path) -> None:
+    train, held = prepare_audio(AudioDataConfig(manifest=str(corpus), streaming=True, validation_fraction=0.25))
+    assert not hasattr(train, "__len__"), "a stream has no length (the trainer then needs max_steps)"
+    loader, stream = make_loader(train, 0, train.collator(), seed=0, shuffle=True, drop_last=True, rank=0,
+                                 world_size=1, split_tag=0)
+    train_paths = {r["path"] for batch, _ in stream for r in batch}
+    held_paths = {r["path"] for batch, _ in held.make_stream(batch_size=0, seed=0, shuffle=False, drop_last=False, rank=0,
+                                                             world_size=1, split_tag=1) for r in batch}
+    assert train_paths and held_paths and not train_paths & held_paths
+    assert len(train_paths | held_paths) == len(corpus.read_text().splitlines())
+    batch = next(iter(loader))
+    assert batch["input_values"].ndim == 2 and int(batch["skipped"]) == 0

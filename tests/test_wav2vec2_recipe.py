@@ -60,8 +60,10 @@ def test_runs_logs_and_output_loads(tmp_path: Path, corpus: Path) -> None:
     assert "Wav2Vec2Model" in (model_dir / "README.md").read_text()
 
 
-def test_resume_is_exact_including_gumbel_temperature(tmp_path: Path, corpus: Path) -> None:
-    args = _args(tmp_path, corpus, 8, **{"trainer.save_every": 4, "trainer.keep_last": 3, "loss.gumbel_decay": 0.99})
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_is_exact_including_gumbel_temperature(tmp_path: Path, corpus: Path, streaming: bool) -> None:
+    args = _args(tmp_path, corpus, 8, **{"trainer.save_every": 4, "trainer.keep_last": 3, "loss.gumbel_decay": 0.99,
+                                         "data.streaming": streaming, "data.shuffle_buffer": 16})
     straight = wav2vec2.main(args)
     want = {k: v.clone() for k, v in straight.model.state_dict().items()}
     rows = read_jsonl(tmp_path / "metrics.jsonl")

@@ -64,6 +64,10 @@ class AudioDataConfig:
     """Count and skip an unreadable or silent file with a warning, or stop with an error naming it."""
     validation_fraction: float = 0.05
     """Share held out for eval: whole speakers when a speaker column exists, else by path hash."""
+    streaming: bool = False
+    """Read utterances as they come instead of listing and probing them all first (needs trainer.max_steps)."""
+    shuffle_buffer: int = 2000
+    """Streaming: utterances buffered, shuffled and cut into duration batches together."""
 
     def __post_init__(self) -> None:
         if sum(bool(x) for x in (self.files, self.manifest, self.dataset)) > 1:
@@ -203,6 +207,36 @@ class AudioCollator:
 
 
 # ------------------------------------------------------------------------------- batching
+def duration_batches(lengths: np.ndarray, max_batch_samples: int, rng: np.random.Generator | None,
+                     bucket_width: float = 0.05) -> list[list[int]]:
+    """Indices cut into batches whose padded size (longest x count) fits ``max_batch_samples``.
+
+    With ``rng``: shuffled within log-spaced length buckets (``bucket_width`` apart), ordered by
+    bucket, cut greedily, then the batch order shuffled. Without: in length order (eval).
+    """
+    if rng is not None:
+        buckets = np.floor(np.log(np.maximum(lengths, 1)) / math.log1p(bucket_width)).astype(np.int64)
+        perm = rng.permutation(len(lengths))
+        order = perm[np.argsort(buckets[perm], kind="stable")]
+    else:
+        order = np.argsort(lengths, kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order.tolist():
+        n = int(lengths[i])
+        if current and max(longest, n) * (len(current) + 1) > max_batch_samples:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
 class DurationBatchSampler(ShardedBatches):
     """This process's batches of ``(index, batch_seed)``, built from utterances of similar length.
 
@@ -234,35 +268,11 @@ class DurationBatchSampler(ShardedBatches):
             raise ValueError("cannot batch an empty dataset")
         if self.lengths.max() > max_batch_samples:
             raise ValueError(f"an utterance of {self.lengths.max()} samples exceeds max_batch_samples={max_batch_samples}")
-        self.max_batch_samples = max_batch_samples
-        self.buckets = np.floor(np.log(np.maximum(self.lengths, 1)) / math.log1p(bucket_width)).astype(np.int64)
-
-    def _cut(self, order: np.ndarray) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        lengths = self.lengths
-        for i in order.tolist():
-            n = int(lengths[i])
-            if current and max(longest, n) * (len(current) + 1) > self.max_batch_samples:
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, n)
-        if current:
-            batches.append(current)
-        return batches
+        self.max_batch_samples, self.bucket_width = max_batch_samples, bucket_width
 
     def _make_batches(self) -> list[list[int]]:
-        if self.shuffle:
-            rng = np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch))
-            perm = rng.permutation(len(self.lengths))
-            order = perm[np.argsort(self.buckets[perm], kind="stable")]
-            batches = self._cut(order)
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        else:
-            batches = self._cut(np.argsort(self.lengths, kind="stable"))
-        return batches
+        rng = np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch)) if self.shuffle else None
+        return duration_batches(self.lengths, self.max_batch_samples, rng, self.bucket_width)
 
     def padding_fraction(self) -> float:
         """Share of padded samples in this epoch's batches (over all processes)."""
@@ -451,11 +461,16 @@ def _heldout_mask(keys: list[str], fraction: float) -> np.ndarray | None:
     return np.array([k in held_keys for k in keys])
 
 
-def prepare_audio(cfg: AudioDataConfig, seed: int = 0) -> tuple[AudioDataset, AudioDataset | None]:
+def prepare_audio(cfg: AudioDataConfig, seed: int = 0) -> tuple[Any, Any]:
     """``(train, eval)`` utterance sets; eval holds out whole speakers when the data names them.
 
-    The split does not depend on ``seed`` (a hash decides), so it is stable across runs.
+    The split does not depend on ``seed`` (a hash decides), so it is stable across runs. With
+    ``cfg.streaming`` the two are `AudioStream`s instead of `AudioDataset`s.
     """
+    if cfg.streaming:
+        from multissl.data.audio_stream import stream_audio
+
+        return stream_audio(cfg)
     ds, source = load_utterances(cfg)
     if cfg.validation_fraction == 0:
         return AudioDataset(ds, cfg), None

@@ -170,7 +170,8 @@ def make_loader(
     """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it.
 
     A dataset with a ``make_batch_sampler(batch_size=, seed=, shuffle=, drop_last=, rank=, world_size=,
-    split_tag=)`` method brings its own batch sampler (same protocol as `ShardedBatchSampler`).
+    split_tag=)`` method brings its own batch sampler (same protocol as `ShardedBatchSampler`); one
+    with ``make_stream(...)`` (same arguments) its own iterable of ``(samples, seed)`` batches.
     """
     common: dict[str, Any] = {
         "collate_fn": SeededCollate(collate),
@@ -183,10 +184,13 @@ def make_loader(
     }
     if num_workers > 0:
         common["prefetch_factor"] = 4
+    kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
+    if hasattr(data, "make_stream"):  # e.g. streamed audio: its own batching of the stream
+        stream = data.make_stream(batch_size=batch_size, **kw)
+        return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
         stream = SeededStream(data, batch_size, seed=seed, split_tag=split_tag, rank=rank)
         return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
-    kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
     if hasattr(data, "make_batch_sampler"):  # e.g. audio: batches by duration under a samples budget
         sampler = data.make_batch_sampler(batch_size=batch_size, **kw)
     else:
