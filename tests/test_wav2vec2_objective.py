@@ -93,8 +93,33 @@ def test_objective_step_and_metrics() -> None:
     assert 0 <= out["contrastive_accuracy"].value <= 1
     # contrastive loss per frame starts near ln(K+1) for random features
     assert out["contrastive_loss"].value.item() == pytest.approx(torch.log(torch.tensor(11.0)).item(), rel=0.35)
-    # the feature encoder's gradient is scaled down by 0.1 through the hook
     assert obj.model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.grad is not None
+
+
+def _encoder_grad(obj: Wav2Vec2Pretraining, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    obj.model.zero_grad()
+    torch.manual_seed(5)  # the same Gumbel noise for every call
+    out = obj.compute(obj.model, batch)
+    out["loss"].value.backward()
+    return obj.model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.grad.clone(), float(out["loss"].value.detach())
+
+
+@pytest.mark.parametrize(("norm", "penalty", "scale"), [("layer", 0.0, 1.0), ("group", 10.0, 0.1)])
+def test_feature_penalty_and_gradient_scale_follow_the_encoder(norm: str, penalty: float, scale: float) -> None:
+    """fairseq's pairings: BASE (group norm) 10 and 0.1, LARGE (layer norm) 0 and 1.0; the penalty is
+    taken after the gradient scale, so the whole encoder gradient scales."""
+    size = "base" if norm == "group" else "tiny"
+    model_cfg = Wav2Vec2ModelConfig(size=size, hidden_size=64, num_layers=1, conv_dim=32, num_codevectors_per_group=8)
+    torch.manual_seed(0)
+    obj = Wav2Vec2Pretraining(model_cfg, Wav2Vec2LossConfig(num_negatives=5), _objective().audio_collate)
+    assert obj.model.config.feat_extract_norm == norm and obj.model.config.do_stable_layer_norm == (norm == "layer")
+    assert (obj.feature_penalty_weight, obj.feature_grad_scale) == (penalty, scale)
+    batch = obj.collate([{"audio": torch.randn(16000)}, {"audio": torch.randn(12000)}], torch.Generator().manual_seed(1))
+    scaled, loss = _encoder_grad(obj, batch)
+    obj.feature_grad_scale = 1.0
+    unscaled, same_loss = _encoder_grad(obj, batch)
+    assert loss == pytest.approx(same_loss)
+    torch.testing.assert_close(scaled, scale * unscaled, rtol=1e-4, atol=1e-9)
 
 
 def test_gumbel_temperature_anneals_and_is_checkpointed() -> None:

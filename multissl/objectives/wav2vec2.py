@@ -39,6 +39,10 @@ class Wav2Vec2ModelConfig:
     num_codevectors_per_group: int = 0
     num_codevector_groups: int = 2
     dropout: float = 0.1
+    extractor_norm: Literal["", "group", "layer"] = ""
+    """Feature-encoder normalisation: "group" (the paper's BASE: group norm in the first conv layer,
+    post-norm transformer) or "layer" (its LARGE: layer norm everywhere, pre-norm transformer, which
+    trains stably at any size); "" = group for base, layer for tiny and small."""
     init_from: str = ""
     """Continue pretraining from a local save_pretrained folder or Hub id."""
 
@@ -53,9 +57,13 @@ class Wav2Vec2LossConfig:
     num_negatives: int = 100
     logit_temperature: float = 0.1
     diversity_weight: float = 0.1
-    feature_penalty_weight: float = 10.0
-    feature_grad_scale: float = 0.1
-    """Scale the feature encoder's gradient (the paper uses 0.1 for stability)."""
+    feature_penalty_weight: float | None = None
+    """L2 penalty on the feature encoder's output; None = fairseq's pairing: 10 with the group-norm
+    encoder (BASE), 0 with the layer-norm one (LARGE; on small models a penalty of 10 outweighs the
+    contrastive loss and nothing is learned)."""
+    feature_grad_scale: float | None = None
+    """Scale of the feature encoder's gradient; None = 0.1 with the group-norm encoder (BASE), 1.0 with
+    the layer-norm one (LARGE)."""
     gumbel_start: float = 2.0
     gumbel_end: float = 0.5
     gumbel_decay: float = 0.999995
@@ -140,6 +148,10 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def extractor_norm(cfg: Wav2Vec2ModelConfig) -> str:
+    return cfg.extractor_norm or ("group" if cfg.size == "base" else "layer")
+
+
 def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Module:
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
@@ -152,9 +164,10 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
     h, layers = cfg.hidden_size or h, cfg.num_layers or layers
     conv = cfg.conv_dim or conv
     codevectors = cfg.num_codevectors_per_group or codevectors
+    norm = extractor_norm(cfg)
     config = Wav2Vec2Config(
         hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads if h % heads == 0 else 1,
-        intermediate_size=ffn, conv_dim=(conv,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        intermediate_size=ffn, conv_dim=(conv,) * 7, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer",
         num_codevectors_per_group=codevectors, num_codevector_groups=cfg.num_codevector_groups,
         codevector_dim=h, proj_codevector_dim=h, num_negatives=loss.num_negatives,
         contrastive_logits_temperature=loss.logit_temperature, diversity_loss_weight=loss.diversity_weight,
@@ -181,17 +194,26 @@ class Wav2Vec2Pretraining(Objective):
         cfg = self.model.config
         self.kernels, self.strides = tuple(cfg.conv_kernel), tuple(cfg.conv_stride)
         self.num_codevectors = cfg.num_codevectors_per_group * cfg.num_codevector_groups
+        group_norm = self.model.config.feat_extract_norm == "group"
+        self.feature_penalty_weight = (loss.feature_penalty_weight if loss.feature_penalty_weight is not None
+                                       else 10.0 if group_norm else 0.0)
+        self.feature_grad_scale = (loss.feature_grad_scale if loss.feature_grad_scale is not None
+                                   else 0.1 if group_norm else 1.0)
         self.temperature = loss.gumbel_start
         self.step = 0
         self.low_perplexity_steps = 0
         self._features: torch.Tensor | None = None
         self.model.wav2vec2.feature_extractor.register_forward_hook(self._on_features)
 
-    # feature encoder: gradient scale (paper: 0.1) and the features kept for the L2 penalty
+    # feature encoder: gradient scale (paper: 0.1) and the features kept for the L2 penalty. As in
+    # fairseq, the penalty is taken after the scale, so its gradient is scaled too (unscaled, its
+    # weight of 10 outweighs the contrastive loss on small models and no code gets predicted).
     def _on_features(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        scale = self.feature_grad_scale
+        if scale != 1.0 and output.requires_grad:
+            output = _ScaleGrad.apply(output, scale)
         self._features = output
-        scale = self.loss_cfg.feature_grad_scale
-        return _ScaleGrad.apply(output, scale) if scale != 1.0 and output.requires_grad else output
+        return output
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = self.audio_collate(samples, generator)
@@ -217,9 +239,9 @@ class Wav2Vec2Pretraining(Objective):
         n = mask.sum().float()
         total = out.contrastive_loss + self.loss_cfg.diversity_weight * out.diversity_loss
         metrics: dict[str, Any] = {}
-        if self.loss_cfg.feature_penalty_weight > 0 and self._features is not None:
+        if self.feature_penalty_weight > 0 and self._features is not None:
             penalty = self._features.float().pow(2).mean()
-            total = total + self.loss_cfg.feature_penalty_weight * penalty * n
+            total = total + self.feature_penalty_weight * penalty * n
             metrics["feature_penalty"] = penalty.detach()
         with torch.no_grad():
             correct = self._correct(out, batch, mask)
@@ -295,8 +317,10 @@ class Wav2Vec2Pretraining(Objective):
             model.save_pretrained(output_dir)
         finally:
             model.config.mask_time_prob = pretrain_prob
+        # Group-norm encoders (BASE) are fed zero-padded batches without a mask, as transformers advises.
         extractor = self.feature_extractor or Wav2Vec2FeatureExtractor(
-            feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+            feature_size=1, sampling_rate=self.sample_rate, padding_value=0.0, do_normalize=True,
+            return_attention_mask=model.config.feat_extract_norm == "layer",
         )
         extractor.save_pretrained(output_dir)
 
