@@ -61,42 +61,53 @@ def load_recipe(name: str) -> Any:
     return importlib.import_module(f"recipes.{name}")
 
 
-def demo(output_dir: str, steps: int | None) -> list[dict[str, Any]]:
+# recipe -> (its accuracy metric, the unit its speed is reported in)
+DEMO_RECIPES: dict[str, tuple[str, str]] = {
+    "mlm": ("masked_accuracy", "tokens"),
+    "clm": ("next_token_accuracy", "tokens"),
+    "wav2vec2": ("contrastive_accuracy", "audio_seconds"),
+}
+
+
+def demo(output_dir: str, steps: int | None, recipes: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the tiny presets on the embedded data and print what they achieved."""
     results = []
-    for name in ("mlm", "clm"):
+    for name in recipes or list(DEMO_RECIPES):
+        accuracy, unit = DEMO_RECIPES[name]
         recipe = load_recipe(name)
         args = [f"trainer.output_dir={Path(output_dir) / name}"]
         if steps:
             args.append(f"trainer.max_steps={steps}")
-        print(f"\n== {name}: tiny preset on the embedded corpus ==", flush=True)
+        print(f"\n== {name}: tiny preset on the embedded {'speech' if unit == 'audio_seconds' else 'text'} corpus ==",
+              flush=True)
         result = recipe.main(args)
         history = result.history
-        throughput = [r["throughput/samples_per_s"] for r in history if "throughput/samples_per_s" in r]
-        tokens = [r["throughput/tokens_per_s"] for r in history if "throughput/tokens_per_s" in r]
+        speeds = sorted(r[f"throughput/{unit}_per_s"] for r in history if f"throughput/{unit}_per_s" in r)
         first_eval = next((r for r in history if "eval/loss" in r), {})
+        final = result.final_metrics
         results.append({
             "recipe": name,
-            "first train loss": result.first_train_loss,
-            "eval loss before": first_eval.get("eval/loss"),
-            "eval loss after": result.final_metrics.get("loss"),
-            "perplexity": result.final_metrics.get("perplexity"),
-            "accuracy": result.final_metrics.get("masked_accuracy", result.final_metrics.get("next_token_accuracy")),
-            "tokens/s": sorted(tokens)[len(tokens) // 2] if tokens else None,
-            "samples/s": sorted(throughput)[len(throughput) // 2] if throughput else None,
+            "eval loss before": first_eval.get("eval/contrastive_loss", first_eval.get("eval/loss")),
+            "eval loss after": final.get("contrastive_loss", final.get("loss")),
+            "accuracy before": first_eval.get(f"eval/{accuracy}"),
+            "accuracy after": final.get(accuracy),
+            "speed": f"{speeds[len(speeds) // 2]:,.0f} {unit.replace('_', '-')}/s" if speeds else None,
             "output": str(Path(output_dir) / name / "model"),
-            "samples": result.final_metrics.get("samples"),
+            "samples": final.get("samples"),
+            "perplexity": final.get("perplexity", final.get("codevector_perplexity")),
         })
     print_results(results)
     return results
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
-    cols = ["recipe", "eval loss before", "eval loss after", "perplexity", "accuracy", "tokens/s"]
+    cols = ["recipe", "eval loss before", "eval loss after", "accuracy before", "accuracy after", "perplexity", "speed"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1000 else (f"{v:.0f}" if isinstance(v, float) else ("-" if v is None else str(v)))  # noqa: E731
     table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print("\nResults on the held-out split (before = at initialisation; accuracy = masked / next token):")
+    print("\nResults on the held-out split (before = at initialisation). Accuracy: masked token (mlm), next token "
+          "(clm),\npositive frame ranked first among distractors (wav2vec2). Perplexity: of the tokens (mlm, clm), "
+          "of the codebook use\n(wav2vec2: high = healthy, ~2 = collapsed).")
     for i, row in enumerate(table):
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
         if i == 0:
@@ -113,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pretrain", help="run a pretraining recipe", add_help=False)
     p.add_argument("recipe")
     p.add_argument("args", nargs=argparse.REMAINDER, help="[--config FILE] [key=value ...]")
-    d = sub.add_parser("demo", help="tiny MLM and CLM runs on the embedded corpus, then a results table")
+    d = sub.add_parser("demo", help="tiny runs of each recipe on the embedded data, then a results table")
     d.add_argument("--output-dir", default="outputs/demo")
     d.add_argument("--steps", type=int, default=None, help="override each preset's max_steps")
+    d.add_argument("--recipes", nargs="+", choices=list(DEMO_RECIPES), default=None, help="a subset of the recipes")
     sub.add_parser("recipes", help="list the recipes and their shipped configs")
     ns = parser.parse_args(argv)
 
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(ns.recipe)
             return run_recipe(recipe.main, ns.args)
         if ns.command == "demo":
-            demo(ns.output_dir, ns.steps)
+            demo(ns.output_dir, ns.steps, ns.recipes)
             return 0
         from recipes import RECIPES
 

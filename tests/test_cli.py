@@ -120,3 +120,16 @@ def test_two_processes_streaming_resume_is_exact(tmp_path: Path) -> None:
 
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_demo_runs_every_recipe_and_prints_the_table(tmp_path: Path) -> None:
+    """`make demo`'s command, cut to 2 steps a recipe."""
+    proc = run([str(BIN / "multissl"), "demo", "--steps", "2", "--output-dir", str(tmp_path)], timeout=900,
+               OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("Results on the held-out split"):]
+    for name in ("mlm", "clm", "wav2vec2"):
+        assert (tmp_path / name / "model" / "config.json").is_file()
+        row = next(line.split() for line in table.splitlines() if line.split()[:1] == [name])
+        assert all(float(v) > 0 for v in row[1:3]), row  # eval losses before and after
+    assert "audio-seconds/s" in table
