@@ -20,9 +20,10 @@ from multissl.errors import ConfigError, TrainingError
 from multissl.metrics import Mean
 from multissl.objectives.base import Objective
 
-# hidden, layers, heads, ffn, conv channels, codevectors per group
+# hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
+# with 2 x 64 its codes change almost every frame and stay unpredictable for a model this size.
 W2V_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "tiny": (64, 2, 2, 128, 64, 64),
+    "tiny": (64, 2, 2, 128, 64, 16),
     "small": (384, 6, 6, 1536, 256, 160),
     "base": (768, 12, 12, 3072, 512, 320),
 }
