@@ -74,6 +74,11 @@ def test_runs_logs_and_output_loads(tmp_path: Path, corpus: Path) -> None:
         torch.testing.assert_close(loaded(**inputs).last_hidden_state, trained(**inputs).last_hidden_state)
     assert loaded.config.mask_time_prob == 0.05
     assert "Wav2Vec2Model" in (model_dir / "README.md").read_text()
+    from transformers import Wav2Vec2ForCTC
+
+    ctc = Wav2Vec2ForCTC.from_pretrained(model_dir, vocab_size=12)  # what speech fine-tuning starts from
+    torch.testing.assert_close(ctc.wav2vec2.encoder.layers[0].attention.q_proj.weight,
+                               loaded.encoder.layers[0].attention.q_proj.weight)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

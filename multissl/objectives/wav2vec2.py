@@ -240,8 +240,9 @@ class Wav2Vec2Pretraining(Objective):
         n = mask.sum().float()
         total = out.contrastive_loss + self.loss_cfg.diversity_weight * out.diversity_loss
         metrics: dict[str, Any] = {}
-        if self.feature_penalty_weight > 0 and self._features is not None:
-            penalty = self._features.float().pow(2).mean()
+        features, self._features = self._features, None  # do not keep this step's graph alive
+        if self.feature_penalty_weight > 0 and features is not None:
+            penalty = features.float().pow(2).mean()
             total = total + self.feature_penalty_weight * penalty * n
             metrics["feature_penalty"] = penalty.detach()
         with torch.no_grad():
