@@ -116,16 +116,34 @@ def _unknown_key(key: str, known: list[str], where: str, segment: str | None = N
     return ConfigError(f"unknown config key {key!r}{where}{hint}")
 
 
-def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+def _field_default(cls: type, name: str, base: Any) -> Any:
+    """A field's value before the config file: the enclosing default's (a recipe's
+    ``TrainerConfig(lr=..., adam_betas=...)``), else the field's own default."""
+    if base is not None:
+        return getattr(base, name)
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """``cls`` from ``values``; fields not given keep ``base``'s values (or the class defaults), and a
+    nested section keeps the enclosing default's values for the keys it does not set."""
     types_ = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in types_:
             raise _unknown_key(key, list(types_), f" in section {prefix!r}" if prefix else "")
-        kwargs[name] = coerce(value, types_[name], key)
+        tp = types_[name]
+        default = _field_default(cls, name, base) if _is_dataclass_type(tp) and isinstance(value, dict) else None
+        if default is not None and isinstance(default, tp):
+            kwargs[name] = _build(tp, value, key, base=default)
+        else:
+            kwargs[name] = coerce(value, tp, key)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:

@@ -101,3 +101,18 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     config.save(cfg, tmp_path / "config.yaml")
     again = config.build(CLMConfig, tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_a_file_section_keeps_the_recipes_own_defaults(tmp_path: Path) -> None:
+    """A recipe sets its own defaults for a shared section (wav2vec2: AdamW betas (0.9, 0.98), eps 1e-6,
+    linear schedule); a file that sets other keys of that section must not reset them."""
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 3.0e-3\n")
+    cfg = config.build(Wav2Vec2Config, path, ["trainer.max_steps=7"])
+    plain = Wav2Vec2Config().trainer
+    assert (cfg.trainer.lr, cfg.trainer.max_steps) == (3e-3, 7)
+    assert (cfg.trainer.adam_betas, cfg.trainer.adam_eps, cfg.trainer.lr_schedule, cfg.trainer.max_grad_norm) == (
+        plain.adam_betas, plain.adam_eps, plain.lr_schedule, plain.max_grad_norm) == ((0.9, 0.98), 1e-6, "linear", 10.0)
+    assert cfg.trainer.output_dir == plain.output_dir == "outputs/wav2vec2"
+    clm = config.build(CLMConfig, None, ["model.size=small"])
+    assert clm.model.arch == "gpt2", "the CLM recipe's model default survives a model.* override"
