@@ -66,7 +66,9 @@ DEMO_RECIPES: dict[str, tuple[str, str]] = {
     "mlm": ("masked_accuracy", "tokens"),
     "clm": ("next_token_accuracy", "tokens"),
     "wav2vec2": ("contrastive_accuracy", "audio_seconds"),
+    "clip": ("zero_shot_top1", "samples"),
 }
+DEMO_DATA = {"mlm": "text corpus", "clm": "text corpus", "wav2vec2": "speech corpus", "clip": "shapes images"}
 
 
 def demo(output_dir: str, steps: int | None, recipes: list[str] | None = None) -> list[dict[str, Any]]:
@@ -78,8 +80,7 @@ def demo(output_dir: str, steps: int | None, recipes: list[str] | None = None) -
         args = [f"trainer.output_dir={Path(output_dir) / name}"]
         if steps:
             args.append(f"trainer.max_steps={steps}")
-        print(f"\n== {name}: tiny preset on the embedded {'speech' if unit == 'audio_seconds' else 'text'} corpus ==",
-              flush=True)
+        print(f"\n== {name}: tiny preset on the embedded {DEMO_DATA[name]} ==", flush=True)
         result = recipe.main(args)
         history = result.history
         speeds = sorted(r[f"throughput/{unit}_per_s"] for r in history if f"throughput/{unit}_per_s" in r)
@@ -95,6 +96,8 @@ def demo(output_dir: str, steps: int | None, recipes: list[str] | None = None) -
             "output": str(Path(output_dir) / name / "model"),
             "samples": final.get("samples"),
             "perplexity": final.get("perplexity", final.get("codevector_perplexity")),
+            "retrieval": final.get("image_to_text_R@1"),
+            "retrieval_chance": final.get("retrieval_chance"),
         })
     print_results(results)
     return results
@@ -106,14 +109,18 @@ def print_results(results: list[dict[str, Any]]) -> None:
     table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print("\nResults on the held-out split (before = at initialisation). Accuracy: masked token (mlm), next token "
-          "(clm),\npositive frame ranked first among distractors (wav2vec2). Perplexity: of the tokens (mlm, clm), "
-          "of the codebook use\n(wav2vec2: high = healthy, ~2 = collapsed).")
+          "(clm),\npositive frame ranked first among distractors (wav2vec2), zero-shot top-1 over 36 classes (clip). "
+          "Perplexity: of the\ntokens (mlm, clm), of the codebook use (wav2vec2: high = healthy, ~2 = collapsed).")
     for i, row in enumerate(table):
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
     for r in results:
-        print(f"  {r['recipe']} model: {r['output']}  (loads with transformers' from_pretrained)")
+        loader = "open_clip's create_model_and_transforms('local-dir:...')" if r["recipe"] == "clip" else (
+            "transformers' from_pretrained")
+        print(f"  {r['recipe']} model: {r['output']}  (loads with {loader})")
+        if r.get("retrieval") is not None:
+            print(f"    held-out image->text R@1 {r['retrieval']:.3f} (chance {r['retrieval_chance']:.4f})")
         for s in r.get("samples") or []:
             print(f"    sample: {s!r}")
 

@@ -10,12 +10,13 @@ import yaml
 from multissl import config
 from multissl.errors import ConfigError
 from recipes import RECIPES
+from recipes.clip import ClipConfig
 from recipes.clm import CLMConfig
 from recipes.mlm import MLMConfig
 from recipes.wav2vec2 import Wav2Vec2Config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config}
+SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig}
 
 
 def shipped_configs() -> list[tuple[str, Path]]:

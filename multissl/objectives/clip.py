@@ -11,9 +11,12 @@ open_clip's Hub format (``open_clip_config.json`` + weights) that
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +73,18 @@ def _register_our_configs() -> None:
     open_clip.add_model_config(CONFIG_DIR)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """open_clip logs through the root logger; keep its warnings out of the console while building."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -95,8 +110,9 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         raise ConfigError(f"model.name: unknown open_clip model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            name, pretrained=str(source) if source is not None and source.is_file() else None, **kwargs)
+        with _quiet_root_logger():  # "No pretrained weights loaded ... initialized randomly" is the point here
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=str(source) if source is not None and source.is_file() else None, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         raise ConfigError(f"model: cannot build open_clip model {name!r} ({_first_line(err)})") from None
@@ -208,7 +224,7 @@ class ClipPretraining(Objective):
             count = min(len(self.eval_data), self.eval_cfg.max_images)
             image, text, labels = self.embed(model, read_rows(self.eval_data.data, list(range(count))))
             sim = image @ text.T
-            metrics: dict[str, Any] = {}
+            metrics: dict[str, Any] = {"retrieval_chance": 1.0 / len(image)}
             for direction, matrix in (("image_to_text", sim), ("text_to_image", sim.T)):
                 for k, value in recall_at(matrix).items():
                     metrics[f"{direction}_R@{k}"] = value

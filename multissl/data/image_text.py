@@ -1,0 +1,735 @@
+"""Image-text data for CLIP-style pretraining: sources -> rows of (image, captions, label) -> batches.
+
+Loading reads only tables (captions, labels, image paths) and checks that the referenced files exist;
+images are decoded, converted to RGB and transformed in the collator, inside DataLoader workers.
+Every source ends up as rows ``{"path", "bytes"?, "captions", "label"?}``:
+
+* ``path``: the image file, or a name such as ``"ds[12]"`` for bytes embedded in a dataset;
+* ``bytes``: those embedded bytes (only for a ``data.dataset`` source; ``None`` on rows with a file);
+* ``captions``: one or more non-empty strings (rows of a table naming the same image are merged);
+* ``label``: an integer class id (-1 = none), when the source has a label column.
+
+The held-out split is decided by a hash of each image's file name (of the bytes, when embedded), so
+it does not depend on the seed, the order of rows or the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+import random
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from multissl.errors import ConfigError, DataError
+
+TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+METADATA_IMAGE_KEY = "file_name"  # imagefolder's column naming each image, relative to the metadata file
+CAPTION_FALLBACKS = ("captions", "caption", "text")  # metadata columns tried when caption_key is absent
+DEFAULT_LABEL_COLUMN = "label"
+ROW_COLUMNS = ["path", "bytes", "captions", "label"]
+NAMED_IN_WARNINGS = 3
+
+
+@dataclass
+class ImageTextDataConfig:
+    """Where the image-caption pairs come from and how bad images are handled."""
+
+    files: list[str] = field(default_factory=list)
+    """Image folders in imagefolder layout (images + metadata.jsonl or metadata.csv with ``file_name`` and a
+    caption column), or such metadata files themselves; empty with no csv/dataset = the embedded shapes demo."""
+    csv: str = ""
+    """A .csv/.tsv of image paths (relative to the file, else to the working directory) and captions, like
+    open_clip's --train-data CSV (a .csv whose header has tabs but no commas is read as tab-separated, as
+    open_clip does); rows naming the same image are merged into one image with several captions."""
+    image_key: str = "filepath"
+    """Column of `csv` with the image paths (open_clip's --csv-img-key default)."""
+    caption_key: str = "title"
+    """Caption column of `csv` and of metadata files (open_clip's --csv-caption-key default); metadata files
+    without it may use "captions", "caption" or "text" instead."""
+    dataset: str = ""
+    """A Hub dataset id, or a local save_to_disk / parquet folder, with image and caption columns."""
+    split: str = "train"
+    """Split of `dataset` to load."""
+    image_column: str = "image"
+    """Column of `dataset` with the images: an ``Image`` feature, ``{"bytes", "path"}`` dicts, bytes, or paths."""
+    caption_column: str = "text"
+    """Column of `dataset` with the captions: a string, or a list of strings (several captions per image)."""
+    label_column: str = DEFAULT_LABEL_COLUMN
+    """Optional class id/name column, for zero-shot eval; "" = ignore labels."""
+    streaming: bool = False
+    """Read rows as they come instead of loading the tables first (needs trainer.max_steps)."""
+    validation_fraction: float = 0.1
+    """Share of images held out for eval, chosen by a hash of the file name; 0 = no held-out set."""
+    on_bad_image: Literal["skip", "error"] = "skip"
+    """Count and skip an undecodable or oversized image with a warning, or stop with an error naming it."""
+    max_image_pixels: int = 64_000_000
+    """Images with more pixels (width x height, read from the header) are bad input: a decompression-bomb guard."""
+
+    def __post_init__(self) -> None:
+        if sum(bool(x) for x in (self.files, self.csv, self.dataset)) > 1:
+            raise ConfigError("set at most one of data.files, data.csv and data.dataset")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.on_bad_image not in ("skip", "error"):
+            raise ConfigError(f"data.on_bad_image must be 'skip' or 'error', got {self.on_bad_image!r}")
+        if self.max_image_pixels <= 0:
+            raise ConfigError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
+
+
+# ------------------------------------------------------------------------------- decoding
+class BadImage(DataError):
+    """An image that cannot be used; the collator counts and skips it (or stops, when asked)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _to_8bit(img: Any) -> Any:
+    """16/32-bit integer and float grayscale -> 8-bit ``L``, keeping the range the data was made for:
+    ``I;16*`` spans 0..65535; ``I`` is taken as 8- or 16-bit when its values fit, else stretched;
+    ``F`` as 0..1 or 0..255 when its values fit, else stretched."""
+    from PIL import Image
+
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        span = (0.0, 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        span = (0.0, 1.0)
+    elif lo >= 0 and hi <= 255:
+        span = (0.0, 255.0)
+    elif img.mode != "F" and lo >= 0 and hi <= 65535:
+        span = (0.0, 65535.0)
+    else:
+        span = (lo, hi if hi > lo else lo + 1.0)
+    scaled = (a - span[0]) / (span[1] - span[0]) * 255.0
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Any) -> Any:
+    """An 8-bit RGB copy of a loaded PIL image. Transparency (alpha, or a palette/colour-key
+    ``transparency``) is composited onto white, so transparent pixels do not turn black."""
+    from PIL import Image
+
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # also CMYK, P, L, 1, YCbCr; a copy even when already RGB
+
+
+def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = 64_000_000) -> Any:
+    """Decode to an 8-bit RGB PIL image, or raise a `BadImage` naming it.
+
+    The pixel limit is checked from the header, before any pixel is decoded; PIL's own global guard
+    is left as it is (its warning is silenced here, its error, at twice its limit, is a bad image).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    embedded = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("<image bytes>" if embedded else str(source))
+    try:
+        if (len(source) if embedded else Path(source).stat().st_size) == 0:
+            raise BadImage(f"{name}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if embedded else source)
+            try:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(f"{name}: {width}x{height} = {width * height} pixels is above "
+                                   f"max_image_pixels={max_pixels}")
+                img.load()
+                return to_rgb(img)
+            finally:
+                img.close()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(f"{name}: not an image, or a format PIL cannot read") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"{name}: {_first_line(err)}") from None
+    except FileNotFoundError:
+        raise BadImage(f"{name}: no such file") from None
+    except Exception as err:  # truncated data, broken chunks, unsupported modes: many exception types
+        raise BadImage(f"{name}: cannot decode image ({_first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's, Python's and numpy's global generators for the block, then put them back.
+
+    Transforms draw from the global generators (torchvision from torch's, timm's from Python's);
+    seeding them per image from the batch generator makes a batch the same in any DataLoader
+    worker and after a resume, and leaves the trainer's own random stream (dropout) untouched.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class ImageTextCollator:
+    """``(samples, generator) -> {"images", "texts", "labels", "skipped"}``.
+
+    ``transform`` (open_clip's train or val preprocess) maps an RGB PIL image to a tensor and runs
+    under `seeded_rngs` with a seed drawn per image from the batch generator; ``tokenizer`` maps a
+    list of captions to ``(B, L)`` token ids. With several captions, training (``sample_caption``)
+    picks one with the generator, eval takes the first. Bad images are skipped with a warning for the
+    first few (per DataLoader worker) and counted in ``skipped`` (this copy) and in the batch's
+    ``skipped`` (this batch), which the trainer totals over workers and processes.
+    """
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
+                 on_bad_image: str = "skip", max_image_pixels: int = 64_000_000, sample_caption: bool = True) -> None:
+        if on_bad_image not in ("skip", "error"):
+            raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.transform, self.tokenizer = transform, tokenizer
+        self.on_bad_image, self.max_image_pixels, self.sample_caption = on_bad_image, max_image_pixels, sample_caption
+        self.skipped = 0
+        self.skipped_files: list[str] = []
+
+    @classmethod
+    def from_config(cls, cfg: ImageTextDataConfig, transform: Callable[[Any], torch.Tensor],
+                    tokenizer: Callable[[list[str]], torch.Tensor], sample_caption: bool = True) -> ImageTextCollator:
+        return cls(transform, tokenizer, cfg.on_bad_image, cfg.max_image_pixels, sample_caption)
+
+    def _skip(self, err: BadImage) -> None:
+        self.skipped += 1
+        if len(self.skipped_files) < NAMED_IN_WARNINGS:
+            self.skipped_files.append(str(err))
+            print(f"warning: skipping bad image ({self.skipped} so far): {err}", flush=True)
+
+    def _caption(self, captions: Any, u: float) -> str:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        return captions[min(int(u * len(captions)), len(captions) - 1)] if self.sample_caption else captions[0]
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # Draws up front, one per sample: an image's crop and caption depend on the batch seed and its
+        # position alone, not on which other images fail.
+        seeds = torch.randint(0, 2**63 - 1, (len(samples),), generator=generator).tolist()
+        picks = torch.rand(len(samples), generator=generator, dtype=torch.float64).tolist()
+        images: list[torch.Tensor] = []
+        texts: list[str] = []
+        labels: list[int] = []
+        first_error: BadImage | None = None
+        skipped = 0
+        for sample, seed, u in zip(samples, seeds, picks):
+            blob = sample.get("bytes")
+            try:
+                img = load_image(blob if blob is not None else sample["path"], sample["path"], self.max_image_pixels)
+            except BadImage as err:
+                if self.on_bad_image == "error":
+                    raise BadImage(str(err)) from None
+                first_error = first_error or err
+                self._skip(err)
+                skipped += 1
+                continue
+            with seeded_rngs(seed):
+                images.append(self.transform(img))
+            texts.append(self._caption(sample["captions"], u))
+            label = sample.get("label")
+            labels.append(-1 if label is None else int(label))
+        if not images:
+            raise DataError(f"none of the {len(samples)} images in a batch could be used, e.g. {first_error}")
+        return {"images": torch.stack(images), "texts": torch.as_tensor(self.tokenizer(texts), dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "skipped": torch.tensor(skipped)}
+
+
+# ------------------------------------------------------------------------------- datasets
+class ImageTextDataset:
+    """A `datasets.Dataset` of rows ``{"path", "bytes"?, "captions", "label"?}``, batched by the
+    trainer's fixed-size sharded sampler. ``classnames[i]`` names label id ``i`` (None without names)."""
+
+    def __init__(self, data: Any, classnames: list[str] | None = None, source: str = "") -> None:
+        self.data, self.classnames, self.source = data, classnames, source
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.data.column_names
+
+
+class ImageTextStream:
+    """A streamed side (train or held-out): ``data`` is a `datasets.IterableDataset` of the same rows
+    (``bytes`` None and ``label`` -1 where absent). No ``__len__``; `make_loader` batches this process's
+    shard with `SeededStream` (`make_stream`); ``classnames`` is known only from a ``ClassLabel`` feature (or the demo)."""
+
+    def __init__(self, data: Any, classnames: list[str] | None = None, source: str = "") -> None:
+        self.data, self.classnames, self.source = data, classnames, source
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+
+    def shard(self, rank: int, world_size: int) -> ImageTextStream:
+        """This process's part of the stream (`datasets.distributed.split_dataset_by_node`)."""
+        from datasets.distributed import split_dataset_by_node
+
+        return ImageTextStream(split_dataset_by_node(self.data, rank=rank, world_size=world_size), self.classnames,
+                               self.source)
+
+    def make_stream(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int,
+                    world_size: int, split_tag: int) -> Any:
+        """`make_loader`'s hook: this process's shard, in fixed-size batches tagged with their seeds."""
+        from multissl.data.loader import SeededStream
+
+        part = self.shard(rank, world_size) if world_size > 1 else self
+        return SeededStream(part, batch_size, seed=seed, split_tag=split_tag, rank=rank)
+
+
+# ------------------------------------------------------------------------------- rows and labels
+def captions_of(value: Any) -> list[str]:
+    """The non-empty captions of a cell (a string or a list of strings), stripped; [] when missing."""
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        return []
+    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+
+
+def _clean_label(value: Any) -> int | str | None:
+    """A label as an int or a name; None when missing (CSV readers turn empty cells into NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _label_scheme(values: list[Any], feature: Any = None) -> tuple[list[str] | None, dict[str, int] | None]:
+    """``(classnames, name -> id)``: a ``ClassLabel``'s names (values are already ids), the sorted
+    distinct names of a column of strings, or ``(None, None)`` for bare integer ids."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names), None
+    present = [v for v in map(_clean_label, values) if v is not None]
+    if all(isinstance(v, int) for v in present):
+        return None, None
+    names = sorted({str(v) for v in present})
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def _label_id(value: Any, index: dict[str, int] | None) -> int:
+    v = _clean_label(value)
+    if v is None:
+        return -1
+    if index is None:
+        return v if isinstance(v, int) else -1
+    return index.get(str(v), -1)
+
+
+def heldout_key(path: str, blob: bytes | None = None) -> str:
+    """What decides a row's side: the image's file name, or the CRC of embedded bytes (which have no
+    stable name of their own)."""
+    return f"crc32:{zlib.crc32(blob):08x}" if blob is not None else Path(path).name
+
+
+def _missing_column(where: str, name: str, columns: list[str], key: str, extra: str = "") -> DataError:
+    return DataError(f"{where}: no column {name!r}{extra} (columns: {', '.join(columns)}); set data.{key}")
+
+
+def _label_column(columns: list[str], cfg: ImageTextDataConfig, where: str) -> str | None:
+    """The label column, if any; asking for a column other than the default that is not there is an error."""
+    if cfg.label_column in columns:
+        return cfg.label_column
+    if cfg.label_column and cfg.label_column != DEFAULT_LABEL_COLUMN:
+        raise _missing_column(where, cfg.label_column, columns, "label_column", extra=' ("" = no labels)')
+    return None
+
+
+# ------------------------------------------------------------------------------- tables: csv and imagefolder metadata
+def _read_table(path: Path, what: str, streaming: bool = False) -> Any:
+    import datasets
+
+    from multissl.data.text import naming_bad_files
+
+    if not path.is_file():
+        raise DataError(f"{what}: no such file: {path}")
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{what}: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    kwargs = {"sep": "\t"} if builder == "csv" and _tab_separated(path) else {}
+    with naming_bad_files([path], what):
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+
+
+def _tab_separated(path: Path) -> bool:
+    """A .tsv, or a .csv whose header has tabs and no commas: open_clip reads its CSVs with tabs by default."""
+    if path.suffix.lower() == ".tsv":
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    return "\t" in header and "," not in header
+
+
+def _table_columns(path: Path, columns: list[str], cfg: ImageTextDataConfig, metadata: bool) -> tuple[str, str, str | None]:
+    """``(image, caption, label or None)`` columns of a CSV (open_clip's keys) or an imagefolder metadata file."""
+    if metadata:
+        image = METADATA_IMAGE_KEY if METADATA_IMAGE_KEY in columns else cfg.image_key
+        if image not in columns:
+            raise _missing_column(str(path), METADATA_IMAGE_KEY, columns, "image_key", extra=f" (nor {cfg.image_key!r})")
+        tried = [cfg.caption_key, *CAPTION_FALLBACKS]
+    else:
+        image, tried = cfg.image_key, [cfg.caption_key]
+        if image not in columns:
+            raise _missing_column(str(path), image, columns, "image_key")
+    caption = next((c for c in tried if c in columns), None)
+    if caption is None:
+        extra = f" (nor {', '.join(map(repr, CAPTION_FALLBACKS))})" if metadata else ""
+        raise _missing_column(str(path), cfg.caption_key, columns, "caption_key", extra=extra)
+    return image, caption, _label_column(columns, cfg, str(path))
+
+
+def _image_file(rel: Any, base: Path, try_cwd: bool) -> Path | None:
+    """Where a table's image path points: relative to the table's folder (then, for CSVs as open_clip
+    reads them, to the working directory); None for an empty cell."""
+    if not isinstance(rel, str) or not rel.strip():
+        return None
+    p = Path(rel.strip()).expanduser()
+    if p.is_absolute():
+        return p
+    here = base / p
+    if try_cwd and not here.is_file() and p.is_file():
+        return p.absolute()
+    return here
+
+
+class _Rows:
+    """Rows gathered from tables, one per image: a second row naming an image adds its captions."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.captions: list[list[str]] = []
+        self.labels: list[Any] = []
+        self.dropped: list[str] = []
+        self.seen = 0
+        self._where: dict[str, int] = {}
+
+    def add(self, path: str, captions: list[str], label: Any) -> None:
+        i = self._where.setdefault(path, len(self.paths))
+        if i == len(self.paths):
+            self.paths.append(path)
+            self.captions.append(captions)
+            self.labels.append(label)
+        else:
+            self.captions[i] = list(dict.fromkeys(self.captions[i] + captions))
+
+
+def _gather_table(path: Path, cfg: ImageTextDataConfig, metadata: bool, rows: _Rows) -> None:
+    """Add one table's rows; a missing image file is an error naming its row, a row without a caption is dropped."""
+    what = "data.files" if metadata else "data.csv"
+    ds = _read_table(path, what)
+    image_col, caption_col, label_col = _table_columns(path, ds.column_names, cfg, metadata)
+    labels = ds[label_col] if label_col else itertools.repeat(None)
+    base = path.parent.absolute()
+    for row, (rel, caption, label) in enumerate(zip(ds[image_col], ds[caption_col], labels), start=1):
+        rows.seen += 1
+        captions = captions_of(caption)
+        if not captions:
+            rows.dropped.append(f"{path}: row {row} ({rel})")
+            continue
+        file = _image_file(rel, base, try_cwd=not metadata)
+        if file is None:
+            raise DataError(f"{path}: row {row}: empty {image_col!r}")
+        if not file.is_file():
+            raise DataError(f"{path}: row {row}: no such image file: {file}")
+        rows.add(str(file), captions, label)
+
+
+def metadata_files(paths: list[str]) -> list[Path]:
+    """imagefolder metadata files of ``data.files``: named directly, at a folder's top, else found
+    below it (each names images relative to its own folder)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_file():
+            if p.suffix.lower() not in TABLE_BUILDERS:
+                raise DataError(f"data.files: {p}: expected an image folder with metadata.jsonl or metadata.csv, "
+                                "or such a metadata file")
+            out.append(p)
+        elif p.is_dir():
+            found = [p / n for n in METADATA_NAMES if (p / n).is_file()] or \
+                sorted(f for f in p.rglob("metadata.*") if f.name in METADATA_NAMES and f.is_file())
+            if not found:
+                raise DataError(f"data.files: folder {p} has no metadata.jsonl or metadata.csv "
+                                f"(imagefolder layout: a {METADATA_IMAGE_KEY} column and a caption column)")
+            folders = [f.parent for f in found]
+            twice = sorted({str(d) for d in folders if folders.count(d) > 1})
+            if twice:
+                raise DataError(f"data.files: {twice[0]} holds both metadata.jsonl and metadata.csv; keep one")
+            out.extend(found)
+        else:
+            raise DataError(f"data.files: no such file or folder: {p}")
+    return out
+
+
+def _tables(cfg: ImageTextDataConfig) -> tuple[list[Path], bool, str]:
+    """``(tables, are imagefolder metadata, description)`` of a table source (the demo when none is set)."""
+    if cfg.csv:
+        return [Path(cfg.csv).expanduser()], False, cfg.csv
+    if cfg.files:
+        return metadata_files(cfg.files), True, ", ".join(cfg.files)
+    from multissl.data.shapes_demo import default_shapes_corpus
+
+    return [default_shapes_corpus()], True, "shapes demo (embedded)"
+
+
+def _load_tables(cfg: ImageTextDataConfig) -> tuple[Any, list[str] | None, str]:
+    import datasets
+
+    tables, metadata, source = _tables(cfg)
+    rows = _Rows()
+    for table in tables:
+        _gather_table(table, cfg, metadata, rows)
+    _warn_dropped(rows.dropped, rows.seen)
+    cols: dict[str, list[Any]] = {"path": rows.paths, "captions": rows.captions}
+    classnames = None
+    if any(label is not None for label in rows.labels):
+        classnames, index = _label_scheme(rows.labels)
+        cols["label"] = [_label_id(v, index) for v in rows.labels]
+    cols["_key"] = [heldout_key(p) for p in rows.paths]
+    features = {"path": datasets.Value("string"), "captions": datasets.List(datasets.Value("string")),
+                "label": datasets.Value("int64"), "_key": datasets.Value("string")}
+    ds = datasets.Dataset.from_dict(cols, features=datasets.Features({c: features[c] for c in cols}))
+    return ds, classnames, source
+
+
+def _warn_dropped(dropped: list[str], total: int) -> None:
+    if dropped:
+        print(f"warning: dropping {len(dropped)} of {total} row(s) without a caption: "
+              f"{'; '.join(dropped[:NAMED_IN_WARNINGS])}" + (" ..." if len(dropped) > NAMED_IN_WARNINGS else ""),
+              flush=True)
+
+
+# ------------------------------------------------------------------------------- datasets sources (Hub, disk, parquet)
+def _open_dataset(cfg: ImageTextDataConfig, streaming: bool) -> Any:
+    """The split of ``data.dataset`` (a save_to_disk folder, or anything `load_dataset` reads), with
+    an ``Image`` column cast to undecoded ``{"bytes", "path"}`` and its columns checked."""
+    import datasets
+
+    local = Path(cfg.dataset).expanduser()
+    try:
+        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise DataError(f"data.dataset={cfg.dataset!r}: no split {cfg.split!r} (splits: {', '.join(ds)}); "
+                                    "set data.split")
+                ds = ds[cfg.split]
+            if streaming:
+                ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 8)))
+        else:
+            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=streaming)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {_first_line(err)}") from None
+    columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
+    where = f"data.dataset={cfg.dataset!r}"
+    if cfg.image_column not in columns:
+        raise _missing_column(where, cfg.image_column, columns, "image_column")
+    if cfg.caption_column not in columns:
+        raise _missing_column(where, cfg.caption_column, columns, "caption_column")
+    _label_column(columns, cfg, where)
+    if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    return ds
+
+
+def _image_cell(value: Any, row_name: str, column: str) -> tuple[bytes | None, str | None]:
+    """``(bytes, path)`` of an image cell: undecoded ``Image`` dicts, bytes, paths or PIL images."""
+    if isinstance(value, dict):
+        blob, where = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray)):
+        blob, where = bytes(value), None
+    elif isinstance(value, (str, Path)):
+        blob, where = None, str(value)
+    elif hasattr(value, "save") and hasattr(value, "mode"):  # a decoded PIL image
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        blob, where = buf.getvalue(), None
+    else:
+        raise DataError(f"{row_name}: column {column!r} holds {type(value).__name__}, not an image, bytes or a path")
+    if blob is None and not where:
+        raise DataError(f"{row_name}: column {column!r} holds neither bytes nor a path")
+    return blob, where
+
+
+def _dataset_row_maker(cfg: ImageTextDataConfig, index: dict[str, int] | None, check_files: bool) -> Callable:
+    """A function ``(row, row index) -> normalised row`` for a ``data.dataset`` source."""
+    name = Path(cfg.dataset).name or cfg.dataset
+    base = Path(cfg.dataset).expanduser()
+    base = base.absolute() if base.is_dir() else Path.cwd()
+    image_col, caption_col, label_col = cfg.image_column, cfg.caption_column, cfg.label_column
+
+    def make(row: dict[str, Any], i: int) -> dict[str, Any]:
+        blob, where = _image_cell(row[image_col], f"{cfg.dataset}[{i}]", image_col)
+        if blob is not None:
+            path = f"{name}[{i}]" + (f":{where}" if where else "")
+        else:
+            file = Path(where).expanduser()
+            file = file if file.is_absolute() else (base / file).absolute()
+            if check_files and not file.is_file():
+                raise DataError(f"data.dataset={cfg.dataset!r} row {i + 1}: no such image file: {file}")
+            path = str(file)
+        label = _label_id(row[label_col], index) if label_col in row else -1
+        return {"path": path, "bytes": blob, "captions": captions_of(row[caption_col]), "label": label,
+                "_key": heldout_key(path, blob)}
+
+    return make
+
+
+def _load_dataset_source(cfg: ImageTextDataConfig) -> tuple[Any, list[str] | None, str]:
+    import datasets
+
+    ds = _open_dataset(cfg, streaming=False)
+    captions = [captions_of(v) for v in ds[cfg.caption_column]]
+    keep = [i for i, c in enumerate(captions) if c]
+    _warn_dropped([f"{cfg.dataset}[{i}]" for i, c in enumerate(captions) if not c], len(captions))
+    has_label = cfg.label_column in ds.column_names
+    classnames, index = _label_scheme(list(ds[cfg.label_column]), ds.features[cfg.label_column]) if has_label else (None, None)
+    make = _dataset_row_maker(cfg, index, check_files=True)
+
+    def batch_rows(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        made = [make({k: v[j] for k, v in batch.items()}, i) for j, i in enumerate(indices)]
+        return {k: [m[k] for m in made] for k in made[0]} if made else {}
+
+    features = datasets.Features({"path": datasets.Value("string"), "bytes": datasets.Value("binary"),
+                                  "captions": datasets.List(datasets.Value("string")), "label": datasets.Value("int64"),
+                                  "_key": datasets.Value("string")})
+    out = ds.map(batch_rows, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                 features=features, desc="indexing images")
+    if len(keep) < len(out):
+        out = out.select(keep)
+    if not has_label:
+        out = out.remove_columns("label")
+    return out, classnames, cfg.dataset
+
+
+# ------------------------------------------------------------------------------- entry points
+def load_image_text(cfg: ImageTextDataConfig) -> tuple[Any, list[str] | None, str]:
+    """``(rows, classnames, description)``: a `datasets.Dataset` of normalised rows plus a ``_key``
+    column (what decides the held-out side)."""
+    ds, classnames, source = _load_dataset_source(cfg) if cfg.dataset else _load_tables(cfg)
+    if len(ds) == 0:
+        raise DataError(f"{source}: no image with a caption")
+    return ds, classnames, source
+
+
+def prepare_image_text(
+    cfg: ImageTextDataConfig, seed: int = 0
+) -> tuple[ImageTextDataset | ImageTextStream, ImageTextDataset | ImageTextStream | None]:
+    """``(train, held-out)``: `ImageTextDataset`s, or `ImageTextStream`s with ``cfg.streaming``; the
+    held-out side is None when ``validation_fraction`` is 0. With no source configured: the embedded
+    shapes demo (`multissl.data.shapes_demo.default_shapes_corpus`).
+
+    The split does not depend on ``seed`` (a hash of each file name decides), so it is stable across
+    runs; on tiny sets whole file names are moved so that neither side is empty.
+    """
+    from multissl.data.audio import _heldout_mask
+
+    del seed  # kept for the prepare_* signature; nothing here is random
+    if cfg.streaming:
+        return stream_image_text(cfg)
+    ds, classnames, source = load_image_text(cfg)
+    keys = list(ds["_key"])
+    ds = ds.remove_columns("_key")
+    if cfg.validation_fraction == 0:
+        return ImageTextDataset(ds, classnames, source), None
+    mask = _heldout_mask(keys, cfg.validation_fraction)
+    if mask is None:
+        raise DataError(f"{source}: only {len(ds)} distinct image(s); need at least 2 to hold out validation "
+                        "(or set data.validation_fraction=0)")
+    train, held = np.flatnonzero(~mask).tolist(), np.flatnonzero(mask).tolist()
+    return ImageTextDataset(ds.select(train), classnames, source), ImageTextDataset(ds.select(held), classnames, source)
+
+
+# ------------------------------------------------------------------------------- streaming
+def _stream_table(path: Path, cfg: ImageTextDataConfig, metadata: bool, index: dict[str, int] | None) -> Any:
+    """Rows of one table as they are read; a missing file reaches the collator, which skips it as bad."""
+    ds = _read_table(path, "data.files" if metadata else "data.csv", streaming=True)
+    columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
+    image_col, caption_col, label_col = _table_columns(path, columns, cfg, metadata)
+    base = path.parent.absolute()
+
+    def make(row: dict[str, Any]) -> dict[str, Any]:
+        file = _image_file(row[image_col], base, try_cwd=not metadata)
+        return {"path": str(file) if file else "", "bytes": None, "captions": captions_of(row[caption_col]),
+                "label": _label_id(row[label_col], index) if label_col else -1}
+
+    return ds.map(make).select_columns(ROW_COLUMNS)
+
+
+def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageTextStream | None]:
+    """``(train, held-out)`` streams of normalised rows; rows without a caption (or an image path)
+    are dropped as they come, and a row is held out by the same hash as `prepare_image_text` uses.
+
+    Labels are names only for a ``ClassLabel`` column (or the demo, whose classes are known); other
+    string labels cannot be numbered without reading everything first, so they stream as -1.
+    """
+    import datasets
+
+    if cfg.dataset:
+        raw = _open_dataset(cfg, streaming=True)
+        feature = raw.features.get(cfg.label_column) if raw.features is not None else None
+        classnames, index = (list(feature.names), None) if isinstance(feature, datasets.ClassLabel) else (None, None)
+        make = _dataset_row_maker(cfg, index, check_files=False)
+        rows = raw.map(lambda row, i: {k: v for k, v in make(row, i).items() if k != "_key"}, with_indices=True,
+                       remove_columns=list(raw.features) if raw.features is not None else None)
+        rows, source = rows.select_columns(ROW_COLUMNS), cfg.dataset
+    else:
+        from multissl.data.shapes_demo import CLASSNAMES
+
+        tables, metadata, source = _tables(cfg)
+        classnames = list(CLASSNAMES) if not cfg.csv and not cfg.files else None  # the demo's classes are known
+        index = {n: i for i, n in enumerate(classnames)} if classnames else None
+        parts = [_stream_table(t, cfg, metadata, index) for t in tables]
+        rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    rows = rows.filter(lambda r: bool(r["captions"]) and bool(r["path"]))
+    if cfg.validation_fraction == 0:
+        return ImageTextStream(rows, classnames, source), None
+    from multissl.data.demo import is_heldout
+
+    fraction = cfg.validation_fraction
+
+    def held(row: dict[str, Any]) -> bool:
+        return is_heldout(heldout_key(row["path"], row["bytes"]), fraction)
+
+    return (ImageTextStream(rows.filter(lambda r: not held(r)), classnames, source),
+            ImageTextStream(rows.filter(held), classnames, source))
