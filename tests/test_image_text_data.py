@@ -281,7 +281,7 @@ def test_rows_without_captions_are_dropped_with_one_warning(tmp_path: Path, caps
     train, held = prepare_image_text(ImageTextDataConfig(files=[str(_write_folder(tmp_path / "f", images, caps))]))
     out = capsys.readouterr().out
     assert len(train) + len(held) == 4 and out.count("warning:") == 1
-    assert "dropping 4 of 8 row(s) without a caption" in out and "row 1; " in out and out.rstrip().endswith("...")
+    assert "dropping 4 of 8 row(s) without a caption" in out and "row 1 (" in out and out.rstrip().endswith("...")
     assert ["ok"] in [*train["captions"], *held["captions"]]
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from multissl.data.files import expand_files
-from multissl.data.loader import ShardedBatches, batch_seed
+from multissl.data.loader import DatasetView, ShardedBatches, batch_seed
 from multissl.errors import ConfigError, DataError
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
@@ -284,28 +284,19 @@ class DurationBatchSampler(ShardedBatches):
         return 1.0 - real / padded
 
 
-class AudioDataset:
+class AudioDataset(DatasetView):
     """A `datasets.Dataset` of utterances (``path``, ``duration``, ...) that batches itself by duration.
 
     `make_loader` calls `make_batch_sampler` instead of using fixed-size batches.
     """
 
     def __init__(self, data: Any, cfg: AudioDataConfig) -> None:
-        self.data, self.cfg = data, cfg
+        super().__init__(data)
+        self.cfg = cfg
         rate = cfg.sample_rate
         durations = np.asarray(data["duration"], dtype=np.float64)
         # Length after resampling (torchaudio rounds up) and cropping: what the collator will produce.
         self.lengths = np.minimum(np.ceil(durations * rate - 1e-6).astype(np.int64), cfg.max_samples)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.data[key]
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.data.column_names
 
     def collator(self) -> AudioCollator:
         return AudioCollator.from_config(self.cfg)
@@ -320,11 +311,9 @@ class AudioDataset:
 
 
 # ------------------------------------------------------------------------------- loading
-def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
-    """Columns of a manifest, paths made absolute; a missing file is an error naming its row."""
+def read_manifest(path: Path, streaming: bool) -> Any:
+    """A manifest (.csv/.tsv/.jsonl) through `datasets`, or a `DataError` naming what is wrong with it."""
     import datasets
-
-    from multissl.data.text import naming_bad_files
 
     if not path.is_file():
         raise DataError(f"data.manifest: no such file: {path}")
@@ -332,8 +321,16 @@ def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
     if builder is None:
         raise DataError(f"data.manifest: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+
+
+def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
+    """Columns of a manifest, paths made absolute; a missing file is an error naming its row."""
+
+    from multissl.data.text import naming_bad_files
+
     with naming_bad_files([path], "data.manifest"):
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        ds = read_manifest(path, streaming=False)
     if cfg.path_column not in ds.column_names:
         raise DataError(f"{path}: no column {cfg.path_column!r} (columns: {', '.join(ds.column_names)}); set data.path_column")
     base = path.parent

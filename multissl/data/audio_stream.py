@@ -96,17 +96,9 @@ class DurationStream(torch.utils.data.IterableDataset):
 
 # ------------------------------------------------------------------------------- sources
 def _rows_from_manifest(path: Path, cfg: AudioDataConfig) -> Any:
-    import datasets
+    from multissl.data.audio import read_manifest
 
-    from multissl.data.audio import MANIFEST_BUILDERS
-
-    if not path.is_file():
-        raise DataError(f"data.manifest: no such file: {path}")
-    builder = MANIFEST_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"data.manifest: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
-    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
+    ds = read_manifest(path, streaming=True)
     base = path.parent.resolve()
 
     def resolve(row: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from multissl.data.loader import DatasetView
 from multissl.errors import ConfigError, DataError
 
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
@@ -258,22 +259,13 @@ class ImageTextCollator:
 
 
 # ------------------------------------------------------------------------------- datasets
-class ImageTextDataset:
+class ImageTextDataset(DatasetView):
     """A `datasets.Dataset` of rows ``{"path", "bytes"?, "captions", "label"?}``, batched by the
     trainer's fixed-size sharded sampler. ``classnames[i]`` names label id ``i`` (None without names)."""
 
     def __init__(self, data: Any, classnames: list[str] | None = None, source: str = "") -> None:
-        self.data, self.classnames, self.source = data, classnames, source
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.data[key]
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.data.column_names
+        super().__init__(data)
+        self.classnames, self.source = classnames, source
 
 
 class ImageTextStream:

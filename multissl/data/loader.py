@@ -87,6 +87,24 @@ class ShardedBatchSampler(ShardedBatches):
         return batches
 
 
+class DatasetView:
+    """A `datasets.Dataset` wrapped with what its modality adds (a batch sampler, class names);
+    indexing and length go to the dataset."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.data.column_names
+
+
 class KeyedDataset(Dataset):
     """Fetches a whole batch at once (one Arrow read for `datasets`) and passes its seed along."""
 
