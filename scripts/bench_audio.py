@@ -32,12 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +42,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import median_table, run_alternating
+
 SIDES = ("multissl", "hf_example")
 SEED, RATE = 0, 16000
 MIN_MASKS = 2  # the example leaves min_masks at 0; immaterial here: a >= 1 s utterance gets >= 3 spans
@@ -395,22 +393,6 @@ ROWS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: one row per metric, median [min-max] per side, and the ratio of medians."""
-    ours, theirs = SIDES
-    lines = [f"| metric | {ours} | {theirs} | {ours} / {theirs} |", "|---|---:|---:|---:|"]
-    for key, label, fmt in ROWS:
-        cells, medians = [], []
-        for side in SIDES:
-            values = [r[key] for r in results[side]]
-            med = statistics.median(values)
-            medians.append(med)
-            cells.append(f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]")
-        ratio = f"{medians[0] / medians[1]:.2f}" if medians[1] else "-"
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -441,58 +423,42 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench_audio_"))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(ROOT),
-    }
     init, batch_size = prepare(work, args)
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
-    for rep in range(args.repeats):
-        order = SIDES if rep % 2 == 0 else tuple(reversed(SIDES))  # alternate who goes first
-        for side in order:
-            out = work / f"{side}-{rep}.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--side",
-                side,
-                "--out",
-                str(out),
-                "--init",
-                init,
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-                "--max-seconds",
-                str(args.max_seconds),
-                "--max-batch-samples",
-                str(args.max_batch_samples),
-                "--batch-size",
-                str(batch_size),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode != 0 or not out.is_file():
-                sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(out.read_text(encoding="utf-8"))
-            results[side].append(r)
-            print(
-                f"  {side:10s} rep {rep + 1}: {r['audio_s_per_s']:.1f} audio-s/s, padding {r['padding']:.3f}, "
-                f"collation {r['collate_share']:.3f}, accuracy {r['contrastive_accuracy']:.4f}, "
-                f"perplexity {r['codevector_perplexity']:.1f}",
-                flush=True,
-            )
 
+    def child_args(side: str, rep: int, out: Path) -> list[str]:
+        return [
+            __file__,
+            "--side",
+            side,
+            "--out",
+            str(out),
+            "--init",
+            init,
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--max-batch-samples",
+            str(args.max_batch_samples),
+            "--batch-size",
+            str(batch_size),
+        ]
+
+    def report(side: str, rep: int, r: dict[str, Any]) -> str:
+        return (
+            f"{r['audio_s_per_s']:.1f} audio-s/s, padding {r['padding']:.3f}, collation {r['collate_share']:.3f}, "
+            f"accuracy {r['contrastive_accuracy']:.4f}, perplexity {r['codevector_perplexity']:.1f}"
+        )
+
+    results = run_alternating(SIDES, args.repeats, work, args.threads, child_args, report)
     print(
         f"\n{args.steps} steps, crop {args.max_seconds} s, ours {args.max_batch_samples} samples/batch, "
         f"hf_example {batch_size} utterances/batch, {args.threads} threads, num_workers=0, "
         f"{args.repeats} repeats (median [min-max])\n"
     )
-    print(table(results))
+    print(median_table(results, SIDES, ROWS))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,0 +1,76 @@
+"""What the side-by-side benchmarks share: children in their own processes, sides alternating
+who goes first, and a Markdown table of medians with their spread and the ratio ours/theirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, str, str]  # (result key, label, format)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Same thread count for every side, offline, CPU only, the repository importable."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def run_alternating(
+    sides: Sequence[str],
+    repeats: int,
+    work: Path,
+    threads: int,
+    child_args: Callable[[str, int, Path], list[str]],
+    report: Callable[[str, int, dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Run ``python <script> <child_args(side, rep, out)>`` for every side and repeat, the order
+    reversed on odd repeats (so neither side always runs on a cooler machine); each child writes its
+    result as JSON to ``out``. ``report`` makes the progress line printed after each run."""
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    env = child_env(threads)
+    for rep in range(repeats):
+        for side in sides if rep % 2 == 0 else tuple(reversed(sides)):
+            out = work / f"{side}-{rep}.json"
+            proc = subprocess.run(
+                [sys.executable, *child_args(side, rep, out)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+            if proc.returncode != 0 or not out.is_file():
+                sys.exit(f"{side} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            result = json.loads(out.read_text(encoding="utf-8"))
+            results[side].append(result)
+            print(f"  {side:15s} rep {rep + 1}: {report(side, rep, result)}", flush=True)
+    return results
+
+
+def median_table(results: dict[str, list[dict[str, Any]]], sides: Sequence[str], rows: Sequence[Row]) -> str:
+    """Markdown: one row per metric, median [min-max] per side, and the ratio of the first two medians."""
+    ours, theirs = sides[0], sides[1]
+    lines = [f"| metric | {' | '.join(sides)} | {ours} / {theirs} |", "|---|" + "---:|" * (len(sides) + 1)]
+    for key, label, fmt in rows:
+        cells, medians = [], []
+        for side in sides:
+            values = [r[key] for r in results[side]]
+            med = statistics.median(values)
+            medians.append(med)
+            cells.append(f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]")
+        ratio = f"{medians[0] / medians[1]:.2f}" if medians[1] else "-"
+        lines.append(f"| {label} | {' | '.join(cells)} | {ratio} |")
+    return "\n".join(lines)
