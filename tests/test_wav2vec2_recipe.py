@@ -101,14 +101,17 @@ def test_resume_is_exact_including_gumbel_temperature(tmp_path: Path, corpus: Pa
 def test_bad_files_are_skipped_and_the_run_completes(tmp_path: Path, corpus: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "audio"
-    shutil.copytree(corpus.parent / "wavs", folder)
+    folder.mkdir()
+    for wav in sorted((corpus.parent / "wavs").glob("*.wav"))[:20]:  # few: 6 steps go past an epoch
+        shutil.copy(wav, folder / wav.name)
     (folder / "empty.wav").write_bytes(b"")
     (folder / "text.wav").write_text("not audio at all")
     good = (folder / "000002.wav").read_bytes()
     (folder / "truncated.wav").write_bytes(good[:30])
     sf.write(folder / "silent.wav", np.zeros(32000, dtype=np.float32), 16000)
     sf.write(folder / "stereo_8k.wav", np.random.default_rng(0).normal(0, 0.1, (24000, 2)).astype(np.float32), 8000)
-    args = _args(tmp_path / "run", corpus, 6, **{"trainer.num_workers": 2, "trainer.log_every": 3})
+    args = _args(tmp_path / "run", corpus, 6, **{"trainer.num_workers": 2, "trainer.log_every": 3,
+                                                  "data.validation_fraction": 0})
     result = wav2vec2.main(args + [f"data.files=[{folder}]", "data.manifest="])
     assert result.state.step == 6
     printed = capsys.readouterr().out
