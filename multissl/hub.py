@@ -16,6 +16,12 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _data_source(data: dict[str, Any]) -> str:
+    """What the model was trained on, as the config names it."""
+    named = data.get("dataset") or ", ".join(data.get("files") or []) or data.get("manifest") or data.get("csv")
+    return str(named) if named else "embedded demo corpus"
+
+
 def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics: dict[str, Any],
                      run_config: Any, metrics_path: Path) -> Path:
     """Write ``README.md`` (YAML metadata + what was trained how + how to load) into ``model_dir``."""
@@ -36,12 +42,17 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         ("parameters", f"{info.get('parameters', 0) / 1e6:.2f}M"),
         ("optimizer steps", state.step),
         ("samples seen", state.samples_seen),
-        ("tokens seen", state.tokens_seen),
+        *([("tokens seen", state.tokens_seen)] if state.tokens_seen else []),
+        *([("audio seen", f"{state.seen['audio_seconds'] / 3600:.2f} h")] if state.seen.get("audio_seconds") else []),
+        *[(f"{u.removeprefix('skipped_').replace('_', ' ')} skipped (bad input)", int(v))
+          for u, v in state.seen.items() if u.startswith("skipped_") and v],
         ("training time", f"{state.train_seconds / 60:.1f} min"),
         ("hardware", _hardware()),
-        ("data", cfg.get("data", {}).get("dataset") or ", ".join(cfg.get("data", {}).get("files", [])) or "embedded demo corpus"),
+        ("data", _data_source(cfg.get("data", {}))),
     ]
+    # a local card loads from this folder; pushing to the Hub rewrites it with the repo id
     usage = info.get("usage", "").replace("{repo}", str(model_dir))
+    usage = usage.replace("{open_clip_ref}", f"local-dir:{model_dir}")
     lines = [
         f"# {model_dir.parent.name or 'multissl model'}",
         "",
@@ -65,8 +76,8 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         usage,
         "```",
         "",
-        f"Or load the weights directly: `transformers.{info.get('auto_class', 'AutoModel')}.from_pretrained(...)`.",
-        "",
+        *([f"Or load the weights directly: `transformers.{info.get('auto_class', 'AutoModel')}.from_pretrained(...)`.", ""]
+          if info.get("library_name") == "transformers" else []),
         "## Training configuration",
         "",
         "```json",

@@ -51,7 +51,11 @@ def test_tiny_preset_learns_and_exports(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.encode_image(image), trained.encode_image(image))
         torch.testing.assert_close(loaded.encode_text(text), trained.encode_text(text))
     card = (model_dir / "README.md").read_text()
-    assert "open_clip" in card and "zero_shot_top1" in card
+    assert "library_name: open_clip" in card and "zero_shot_top1" in card and "transformers." not in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"pil_image": Image.new("RGB", (64, 64), (200, 30, 30))}
+    exec(snippet, scope)  # the card's loading snippet runs as written
+    assert scope["probs"].shape == (1, 2)
 
 
 def test_resume_is_exact(tmp_path: Path) -> None:

@@ -269,8 +269,8 @@ class ClipPretraining(Objective):
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "auto_class": "open_clip",
             "usage": ("import open_clip\n\n"
-                      'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo}")\n'
-                      'tokenizer = open_clip.get_tokenizer("hf-hub:{repo}")\n'
+                      'model, _, preprocess = open_clip.create_model_and_transforms("{open_clip_ref}")\n'
+                      'tokenizer = open_clip.get_tokenizer("{open_clip_ref}")\n'
                       "image = preprocess(pil_image).unsqueeze(0)\n"
                       'text = tokenizer(["a photo of a cat", "a photo of a dog"])\n'
                       "image_features = model.encode_image(image, normalize=True)\n"
