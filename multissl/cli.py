@@ -1,4 +1,4 @@
-"""``multissl pretrain RECIPE ...`` and ``multissl demo``.
+"""``multissl pretrain RECIPE ...``, ``multissl push OUTPUT_DIR --repo-id NAME`` and ``multissl demo``.
 
 Errors caused by input (config, data, paths) print as one line and exit with status 2; an
 interrupted run exits with 130 after saving a checkpoint.
@@ -30,6 +30,14 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     # accelerate warns on every checkpoint that tied weights are stored once; that is intended
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    quiet_hub()
+
+
+def quiet_hub() -> None:
+    """huggingface_hub's notes ("no files have been modified", ...): multissl says what a push did."""
+    import huggingface_hub.utils.logging as hub_logging
+
+    hub_logging.set_verbosity_error()
 
 
 def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
@@ -125,6 +133,18 @@ def print_results(results: list[dict[str, Any]]) -> None:
             print(f"    sample: {s!r}")
 
 
+def push(ns: argparse.Namespace) -> int:
+    from multissl.hub import push_to_hub
+
+    result = push_to_hub(ns.output_dir, ns.repo_id, private=ns.private, revision=ns.revision,
+                         commit_message=ns.commit_message, token=ns.token, exist_ok=ns.exist_ok)
+    if result.changed:
+        print(f"pushed {len(result.files)} files to {result.url} (branch {result.revision}, commit {result.commit})")
+    else:
+        print(f"{result.url} (branch {result.revision}) already holds these files: nothing uploaded, no new commit")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multissl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,9 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--steps", type=int, default=None, help="override each preset's max_steps")
     d.add_argument("--recipes", nargs="+", choices=list(DEMO_RECIPES), default=None, help="a subset of the recipes")
     sub.add_parser("recipes", help="list the recipes and their shipped configs")
+    h = sub.add_parser("push", help="upload a trained model with its card to the Hugging Face Hub",
+                       description="Upload a run's final model (its model/ folder: weights, config, tokenizer or "
+                       "feature extractor, model card) with the resolved training config and a metrics summary. "
+                       "Checkpoints, optimizer states and TensorBoard logs are never uploaded.")
+    h.add_argument("output_dir", help="a run's output_dir, or its model folder")
+    h.add_argument("--repo-id", required=True, help="NAME or NAMESPACE/NAME")
+    h.add_argument("--private", action="store_true", help="create the repo private")
+    h.add_argument("--revision", default="", help="branch to push to (created from main when missing)")
+    h.add_argument("--commit-message", default="")
+    h.add_argument("--token", default=None, help="default: HF_TOKEN, else the token saved by `hf auth login`")
+    h.add_argument("--exist-ok", action="store_true", help="add a commit to the repo when it already exists")
     ns = parser.parse_args(argv)
 
-    quiet_libraries()
+    if ns.command == "push":  # a push needs none of the training libraries
+        quiet_hub()
+    else:
+        quiet_libraries()
     try:
         if ns.command == "pretrain":
             recipe = load_recipe(ns.recipe)
@@ -146,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "demo":
             demo(ns.output_dir, ns.steps, ns.recipes)
             return 0
+        if ns.command == "push":
+            return push(ns)
         from recipes import RECIPES
 
         root = Path(importlib.import_module("recipes").__file__).parent / "configs"

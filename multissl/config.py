@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -221,11 +222,10 @@ def _set_dotted(tree: dict[str, Any], cls: type, path: list[str], value: Any) ->
         try:
             _set_dotted(sub, tp, rest, value)
         except ConfigError as err:
-            msg = str(err)
-            if msg.startswith("unknown config key"):
-                close = difflib.get_close_matches(rest[-1], list(_field_types(tp)), n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ConfigError(f"unknown config key {'.'.join(path)!r}{hint}") from None
+            # name the full key; the hint stays the innermost section's (trainer.hub.repo -> repo_id)
+            unknown = re.match(r"unknown config key ('[^']*'|\"[^\"]*\")(.*)$", str(err))
+            if unknown:
+                raise ConfigError(f"unknown config key {'.'.join(path)!r}{unknown.group(2)}") from None
             raise
     else:
         tree[head] = value

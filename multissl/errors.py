@@ -19,3 +19,7 @@ class TrainingError(MultiSSLError):
 
 class TrainingInterrupted(MultiSSLError):
     """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class HubError(MultiSSLError):
+    """A push to the Hugging Face Hub failed (no token, no rights, unreachable, conflict)."""

@@ -1,13 +1,28 @@
-"""Model cards for every exported model (pushing to the Hub builds on this)."""
+"""Model cards for every exported model, and pushing a model with its card to the Hugging Face Hub.
+
+A push uploads the final model folder only (weights, config, tokenizer or feature extractor or
+open_clip config, the card) plus the run's resolved config and a metrics summary: never
+checkpoints, optimizer states, TensorBoard events or caches. It goes through ``huggingface_hub``,
+so the token comes from ``--token``, ``HF_TOKEN`` or the saved login, and ``HF_ENDPOINT`` is
+respected. Failures become one-line ``HubError``s with the token scrubbed; transient ones
+(connection errors, 429, 5xx) are retried with back-off first. Local files are never modified.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from multissl import config as config_lib
+from multissl.errors import ConfigError, HubError
+
+T = TypeVar("T")
 
 METHOD_TAGS = {"mlm": "masked-language-modeling", "clm": "causal-language-modeling"}
 
@@ -50,9 +65,8 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         ("hardware", _hardware()),
         ("data", _data_source(cfg.get("data", {}))),
     ]
-    # a local card loads from this folder; pushing to the Hub rewrites it with the repo id
-    usage = info.get("usage", "").replace("{repo}", str(model_dir))
-    usage = usage.replace("{open_clip_ref}", f"local-dir:{model_dir}")
+    # a local card loads from this folder; a push rewrites the snippet for the repo (retarget_card)
+    usage = render_usage(info.get("usage", ""), model_dir)
     lines = [
         f"# {model_dir.parent.name or 'multissl model'}",
         "",
@@ -72,6 +86,7 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         "",
         "## How to use",
         "",
+        _usage_marker(model_dir),
         "```python",
         usage,
         "```",
@@ -102,3 +117,313 @@ def _hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({platform.machine()})"
+
+
+# ------------------------------------------------------------------------------------- usage snippet
+_USAGE_MARK = re.compile(r"<!-- multissl:usage (\{.*?\}) -->")
+
+
+def render_usage(template: str, ref: str | Path) -> str:
+    """A card's loading code for the model at ``ref``: a local folder (a ``Path``) or a Hub repo id (a ``str``).
+
+    ``{repo}`` becomes what ``from_pretrained`` takes (the folder or the repo id) and ``{open_clip_ref}``
+    what open_clip's ``create_model_and_transforms`` takes (``local-dir:<folder>`` or ``hf-hub:<repo id>``).
+    """
+    open_clip_ref = f"local-dir:{ref}" if isinstance(ref, Path) else f"hf-hub:{ref}"
+    return template.replace("{open_clip_ref}", open_clip_ref).replace("{repo}", str(ref))
+
+
+def _usage_marker(ref: str | Path) -> str:
+    """An HTML comment (invisible on the Hub) recording where the card's snippet loads from."""
+    return f"<!-- multissl:usage {json.dumps({'ref': str(ref), 'local': isinstance(ref, Path)})} -->"
+
+
+def retarget_card(text: str, ref: str | Path) -> str:
+    """``text`` (a card written by ``write_model_card``) with its loading snippet rewritten for ``ref``.
+
+    Only the quoted references in the snippet change, so edits made to the snippet by hand survive.
+    A card without multissl's marker is returned unchanged.
+    """
+    mark = _USAGE_MARK.search(text)
+    if mark is None:
+        return text
+    old = json.loads(mark.group(1))
+    old_ref: str | Path = Path(old["ref"]) if old.get("local") else str(old["ref"])
+    start = text.find("```python\n", mark.end())
+    body_start = start + len("```python\n")
+    end = text.find("\n```", body_start - 1) if start >= 0 else -1
+    if end < 0:
+        return text
+    code = text[body_start:end]
+    # back to the template (references are always quoted in the snippets), then forward to the new ref
+    template = code.replace(f'"{render_usage("{open_clip_ref}", old_ref)}"', '"{open_clip_ref}"')
+    template = template.replace(f'"{old_ref}"', '"{repo}"')
+    return text[: mark.start()] + _usage_marker(ref) + text[mark.end() : body_start] + render_usage(template, ref) + text[end:]
+
+
+# -------------------------------------------------------------------------------------------- config
+@dataclass
+class HubConfig:
+    """Pushing the final model to the Hugging Face Hub at the end of training (``trainer.hub.*``).
+
+    A failed push is a warning, never a failed run: the model stays in ``output_dir/model`` and
+    ``multissl push`` uploads it later. The token is never part of the config: it comes from
+    ``HF_TOKEN`` or the saved login (``hf auth login``).
+    """
+
+    push: bool = False
+    repo_id: str = ""
+    """NAME or NAMESPACE/NAME; created when missing, else a new commit is added to it."""
+    private: bool = False
+    """Create the repo private (an existing repo keeps its visibility)."""
+    revision: str = ""
+    """A branch to push to (created from main when missing); empty = main."""
+    commit_message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.push and not self.repo_id.strip():
+            raise ConfigError("trainer.hub.repo_id is required with trainer.hub.push=true (e.g. trainer.hub.repo_id=your-name/model)")
+        if self.repo_id and (self.repo_id.count("/") > 1 or any(c.isspace() for c in self.repo_id)):
+            raise ConfigError(f"trainer.hub.repo_id: expected NAME or NAMESPACE/NAME, got {self.repo_id!r}")
+
+
+# ------------------------------------------------------------------------------------ what is pushed
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".md", ".jinja", ".tiktoken")
+"""Weights (safetensors only), configs, vocabularies, tokenizer models, chat templates, the card."""
+_NEVER_PUSHED = re.compile(
+    r"(^|/)(checkpoints|tensorboard|runs|__pycache__|\.[^/]*)(/|$)"   # folders of training state, hidden files
+    r"|(^|/)(optimizer|scheduler|rng_state|random_states|trainer_state|training_args)[^/]*$"
+    r"|events\.out\.tfevents"
+)
+MODEL_MARKERS = ("config.json", "open_clip_config.json")
+
+
+def find_model_folder(path: str | Path) -> tuple[Path, Path | None]:
+    """``(model folder, run folder or None)`` for a run's output_dir or a model folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HubError(f"no such folder: {path}")
+    if (path / "model").is_dir():
+        model_dir, run_dir = path / "model", path
+    else:
+        model_dir = path
+        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+    if not any((model_dir / name).is_file() for name in MODEL_MARKERS) and not any(model_dir.glob("*.safetensors")):
+        if (path / "checkpoints").is_dir():
+            raise HubError(f"{path} has checkpoints but no final model yet (model/): finish the run first; "
+                           "checkpoints are never pushed")
+        raise HubError(f"no model in {model_dir}: expected a run's output_dir (with model/) or a model folder "
+                       f"(with {' or '.join(MODEL_MARKERS)})")
+    return model_dir, run_dir
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files of ``model_dir`` a push uploads (sorted, relative to ``model_dir``)."""
+    found = []
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir).as_posix()
+        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and not _NEVER_PUSHED.search(rel):
+            found.append(Path(rel))
+    return found
+
+
+def metrics_summary(metrics_path: Path, train_points: int = 5) -> dict[str, Any]:
+    """The last evaluation and a few evenly spaced training records of a run's ``metrics.jsonl``."""
+    from multissl.metrics import read_jsonl
+
+    rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    train = [r for r in rows if "train/loss" in r]
+    picks = sorted({round(i * (len(train) - 1) / max(1, train_points - 1)) for i in range(train_points)}) if train else []
+    keep = ("train/", "throughput/")
+    return {
+        "steps": max((r.get("step", 0) for r in rows), default=0),
+        "final_eval": evals[-1] if evals else None,
+        "train": [{k: v for k, v in train[i].items() if k == "step" or k.startswith(keep)} for i in picks],
+    }
+
+
+# ------------------------------------------------------------------------------------------ the push
+RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)
+"""Seconds to wait before the 2nd and 3rd tries of a call that failed transiently (connection, 429, 5xx)."""
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # a user access token's shape
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    url: str
+    revision: str
+    commit: str
+    files: list[str] = field(default_factory=list)
+    """Every path the commit covers (README.md, weights, ...)."""
+    changed: bool = True
+    """False when the repo already held exactly these files (no new commit was made)."""
+
+
+def scrub(text: str, token: str | None) -> str:
+    """A message without the token (or anything shaped like a Hub token)."""
+    if token:
+        text = text.replace(token, "<token>")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def _without_token(data: bytes, token: str) -> bytes:
+    """A file's content with the token (only it: the rest is the user's) replaced."""
+    return data.replace(token.encode(), b"<token>")
+
+
+def _contents(model_dir: Path, run_dir: Path | None, repo_id: str, token: str) -> dict[str, Path | bytes]:
+    """path in repo -> a local file, or bytes when the pushed file differs from the local one
+    (the card retargeted to the repo, anything the token had leaked into)."""
+    out: dict[str, Path | bytes] = {}
+    for rel in model_files(model_dir):
+        local = model_dir / rel
+        if rel.as_posix() == "README.md":
+            out["README.md"] = _without_token(retarget_card(local.read_text(encoding="utf-8"), repo_id).encode(), token)
+        elif local.suffix != ".safetensors" and token.encode() in (data := local.read_bytes()):
+            out[rel.as_posix()] = _without_token(data, token)
+        else:
+            out[rel.as_posix()] = local
+    if run_dir is not None:
+        if (run_dir / "config.yaml").is_file():
+            out["training_config.yaml"] = _without_token((run_dir / "config.yaml").read_bytes(), token)
+        if (run_dir / "metrics.jsonl").is_file():
+            summary = json.dumps(metrics_summary(run_dir / "metrics.jsonl"), indent=1, allow_nan=True) + "\n"
+            out["metrics_summary.json"] = _without_token(summary.encode(), token)
+    return out
+
+
+def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revision: str = "", commit_message: str = "",
+                token: str | None = None, exist_ok: bool = False) -> PushResult:
+    """Upload a run's final model (``path`` = its output_dir, or the model folder) to ``repo_id``.
+
+    Creates the repo (``exist_ok``: or adds a commit to an existing one) and the ``revision`` branch
+    when missing. Unchanged files are not uploaded again; an unchanged folder makes no commit.
+    Raises ``HubError`` with a one-line reason.
+    """
+    model_dir, run_dir = find_model_folder(path)
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: pass --token, set HF_TOKEN, or log in once with `hf auth login`")
+    api = HfApi(token=token)
+    endpoint = api.endpoint
+    stage = "create"
+    try:
+        repo = _with_retries(lambda: api.create_repo(repo_id, private=True if private else None, exist_ok=exist_ok))
+        full_id = repo.repo_id
+        branch = revision or constants.DEFAULT_REVISION
+        if branch != constants.DEFAULT_REVISION:
+            stage = "branch"
+            _with_retries(lambda: api.create_branch(full_id, branch=branch, exist_ok=True))
+        stage = "commit"
+        contents = _contents(model_dir, run_dir, full_id, token)
+        head = _with_retries(lambda: api.repo_info(full_id, revision=branch)).sha
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in contents.items()]
+        message = commit_message or f"Upload {model_dir.parent.name or 'model'} (multissl)"
+        info = _with_retries(lambda: api.create_commit(full_id, operations, commit_message=message, revision=branch))
+    except HubError:
+        raise
+    except Exception as err:
+        reason = _describe(err, repo_id, endpoint, stage)
+        if reason is None:
+            raise
+        raise HubError(scrub(reason, token)) from None
+    return PushResult(repo_id=full_id, url=str(repo), revision=branch, commit=info.oid, files=sorted(contents),
+                      changed=info.oid != head)
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None) if response is not None else None
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what it was raised from (the client wraps upload errors in RuntimeError)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        chain.append(err)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _is_network_error(err: BaseException) -> bool:
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "TimeoutError"}) or isinstance(err, ConnectionError)
+
+
+def _is_transient(err: BaseException) -> bool:
+    for e in _causes(err):
+        status = _status(e)
+        if status is not None:
+            return status == 429 or status >= 500
+        if _is_network_error(e):
+            return True
+    return False
+
+
+def _with_retries(call: Callable[[], T]) -> T:
+    """``call()``, tried again after each of ``RETRY_DELAYS`` when it fails transiently."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return call()
+        except Exception as err:
+            if delay is None or not _is_transient(err):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _one_line(text: Any, limit: int = 240) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(err: BaseException, repo_id: str, endpoint: str, stage: str) -> str | None:
+    """A one-line reason for a failed push, or None for an error that is a bug, not a failure."""
+    tries = f"(tried {len(RETRY_DELAYS) + 1} times)"
+    for e in _causes(err):
+        status = _status(e)
+        if status is not None:
+            server = _one_line(getattr(e, "server_message", None) or "")
+            said = f": {server}" if server else ""
+            if status == 401:
+                return (f"the Hub at {endpoint} rejected the token (401){said}; check --token, HF_TOKEN or "
+                        "`hf auth login`")
+            if status == 403:
+                return (f"no write access to {repo_id} (403){said}; push to your own namespace or an organization "
+                        "you can write to")
+            if status == 409 and stage == "create":
+                return f"{repo_id} already exists (409); pass --exist-ok to add a commit to it"
+            if status == 409:
+                return f"conflict while pushing to {repo_id} (409){said}; another push may be under way: try again"
+            if status == 404:
+                return f"{repo_id} not found on {endpoint} (404){said}"
+            if status == 429 or status >= 500:
+                return f"the Hub at {endpoint} answered {status}{said} {tries}; try again later"
+            return f"the Hub at {endpoint} answered {status}{said}"
+        if type(e).__name__ == "OfflineModeIsEnabled":
+            return "HF_HUB_OFFLINE is set: unset it to push"
+        if _is_network_error(e):
+            return f"cannot reach the Hub at {endpoint}: {_one_line(e) or type(e).__name__} {tries}"
+    if isinstance(err, ValueError):  # the client's checks: invalid repo id, invalid card metadata, ...
+        return _one_line(err)
+    return None
+
+
+def push_failure_warning(err: BaseException, hub: HubConfig, output_dir: Path) -> str:
+    """The one line a training run prints when its push failed."""
+    reason = str(err) if isinstance(err, HubError) else f"{type(err).__name__}: {err}"
+    command = f"multissl push {output_dir} --repo-id {hub.repo_id}"
+    command += " --exist-ok" + (" --private" if hub.private else "") + (f" --revision {hub.revision}" if hub.revision else "")
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # a broken token file must not hide the warning
+        token = None
+    return (f"warning: push to {hub.repo_id} failed: {scrub(_one_line(reason, 400), token)}; "
+            f"the model is saved in {output_dir / 'model'}; run: {command}")

@@ -25,6 +25,7 @@ from torch import nn
 from multissl import config as config_lib
 from multissl.data.loader import make_loader
 from multissl.errors import ConfigError, TrainingError, TrainingInterrupted
+from multissl.hub import HubConfig
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.objectives.base import Objective
 
@@ -85,6 +86,8 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     """Stop with an error after this many non-finite losses in a row (each one is skipped)."""
     progress_bar: bool = True
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Push the final model to the Hugging Face Hub (``trainer.hub.push=true trainer.hub.repo_id=NAME``)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "log_every", "keep_last"):
@@ -592,6 +595,23 @@ class Trainer:
 
             write_model_card(out, objective, state, final_metrics, self.run_config, self.output_dir / "metrics.jsonl")
         acc.wait_for_everyone()
+        if self.is_main and self.cfg.hub.push:  # after the barrier: the other processes need not wait for it
+            self._push()
+
+    def _push(self) -> None:
+        """Upload the exported model. A failure is a one-line warning, never a failed run: the model is
+        saved, and ``multissl push`` can upload it later."""
+        from multissl.hub import push_failure_warning, push_to_hub
+
+        hub = self.cfg.hub
+        try:
+            result = push_to_hub(self.output_dir, hub.repo_id, private=hub.private, revision=hub.revision,
+                                 commit_message=hub.commit_message, exist_ok=True)
+        except Exception as err:  # whatever went wrong, the trained model must not be lost to it
+            self.print(push_failure_warning(err, hub, self.output_dir))
+            return
+        what = f"commit {result.commit[:10]}" if result.changed else "unchanged, no new commit"
+        self.print(f"pushed {self.output_dir / 'model'} to {result.url} (branch {result.revision}, {what})")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -117,3 +117,33 @@ def test_a_file_section_keeps_the_recipes_own_defaults(tmp_path: Path) -> None:
     assert cfg.trainer.output_dir == plain.output_dir == "outputs/wav2vec2"
     clm = config.build(CLMConfig, None, ["model.size=small"])
     assert clm.model.arch == "gpt2", "the CLM recipe's model default survives a model.* override"
+
+
+def test_hub_section_is_nested_in_trainer(tmp_path: Path) -> None:
+    """``trainer.hub.*`` on the command line or in a file; the recipe's own trainer defaults survive."""
+    from multissl.hub import HubConfig
+
+    cfg = config.build(Wav2Vec2Config, None, ["trainer.hub.push=true", "trainer.hub.repo_id=me/w2v",
+                                              "trainer.hub.private=true", "trainer.hub.revision=exp"])
+    assert cfg.trainer.hub == HubConfig(push=True, repo_id="me/w2v", private=True, revision="exp")
+    assert cfg.trainer.adam_betas == (0.9, 0.98) and cfg.trainer.output_dir == "outputs/wav2vec2"
+    for schema in SCHEMAS.values():
+        assert config.build(schema).trainer.hub == HubConfig(), "off by default in every recipe"
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  hub:\n    push: true\n    repo_id: me/clip\n")
+    cfg = config.build(ClipConfig, path, ["trainer.hub.commit_message=first"])
+    assert (cfg.trainer.hub.repo_id, cfg.trainer.hub.commit_message, cfg.trainer.batch_size) == ("me/clip", "first", 256)
+    config.save(cfg, tmp_path / "resolved.yaml")
+    assert config.build(ClipConfig, tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["trainer.hub.push=true"], "trainer.hub.repo_id is required with trainer.hub.push=true"),
+    (["trainer.hub.push=yes please"], "trainer.hub.push: expected true or false"),
+    (["trainer.hub.repo=me/x"], "unknown config key 'trainer.hub.repo'; did you mean 'repo_id'?"),
+    (["trainer.hub.repo_id=a/b/c"], "trainer.hub.repo_id: expected NAME or NAMESPACE/NAME"),
+])
+def test_bad_hub_settings_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.build(MLMConfig, None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)

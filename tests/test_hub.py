@@ -1,0 +1,361 @@
+"""Pushing to the Hub, end to end against a local server that speaks the Hub's HTTP API
+(``tests/hub_server.py``), with the real ``huggingface_hub`` client and the libraries a user loads
+the model with (transformers, open_clip)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from multissl import hub
+from multissl.errors import HubError
+from tests.conftest import BIN, run, tiny_args
+from tests.hub_server import HubServer
+
+TOKEN = "hf_AliceWriteToken0123456789abcdef"
+BOB_TOKEN = "hf_BobWriteToken0123456789abcdefgh"
+
+
+def client_env(url: str, home: Path, token: str | None = TOKEN) -> dict[str, str]:
+    env = {"HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_HOME": str(home),
+           "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_OFFLINE": "0"}
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def point_client_at(url: str, home: Path, monkeypatch: pytest.MonkeyPatch, token: str | None = TOKEN) -> None:
+    """This process's huggingface_hub (and transformers' shared client) talks to ``url``. Some of its
+    settings are read from the environment at import time, so the constants are patched as well."""
+    import huggingface_hub.hf_api
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    for key, value in client_env(url, home, token).items():
+        monkeypatch.setenv(key, value)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name, value in {
+        "ENDPOINT": url, "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", url)  # the module-level functions' client
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # rebuilt on first use, with the new endpoint
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with HubServer(tokens={TOKEN: "alice", BOB_TOKEN: "bob"}) as s:
+        point_client_at(s.url, tmp_path / "hf_home", monkeypatch)
+        monkeypatch.setattr(hub, "RETRY_DELAYS", (0.05, 0.1))
+        yield s
+    assert not s.unknown, f"the client used routes the test server does not speak: {s.unknown}"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def usage_snippet(card: str) -> str:
+    return card.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+# ------------------------------------------------------------------------- trained outputs (2 steps)
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from recipes import mlm
+
+    out = tmp_path_factory.mktemp("mlm") / "run"
+    mlm.main(tiny_args(out, steps=2, **{"trainer.log_every": 1, "trainer.eval_max_batches": 1}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def wav2vec2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from multissl.data.speech_demo import build_speech_corpus
+    from recipes import wav2vec2
+
+    root = tmp_path_factory.mktemp("wav2vec2")
+    manifest = build_speech_corpus(root / "speech", 16, seed=0)
+    wav2vec2.main([f"trainer.output_dir={root / 'run'}", f"data.manifest={manifest}", "trainer.max_steps=2",
+                   "trainer.progress_bar=false", "trainer.trackers=[]", "trainer.log_every=1", "trainer.eval_every=0",
+                   "trainer.eval_max_batches=1", "data.max_seconds=3.0", "data.max_batch_samples=100000",
+                   "loss.num_negatives=10", "trainer.warmup_steps=1", "data.validation_fraction=0.25"])
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from recipes import clip
+
+    out = tmp_path_factory.mktemp("clip") / "run"
+    clip.main([f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.trackers=[]",
+               "trainer.log_every=1", "trainer.eval_every=0", "trainer.batch_size=16", "trainer.eval_max_batches=1",
+               "eval.max_images=32"])
+    return out
+
+
+# ------------------------------------------------------------------------ each recipe, pushed and loaded
+def test_mlm_push_loads_back_with_transformers(server: HubServer, mlm_run: Path) -> None:
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    before = snapshot(mlm_run)
+    result = hub.push_to_hub(mlm_run, "alice/tiny-bert")
+    assert snapshot(mlm_run) == before, "the local output is never touched"
+    assert (result.repo_id, result.revision, result.changed) == ("alice/tiny-bert", "main", True)
+
+    pushed = server.files("alice/tiny-bert")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "training_config.yaml",
+            "metrics_summary.json"} <= set(pushed)
+    assert not [p for p in pushed if p.startswith(("checkpoints", "tensorboard")) or "optimizer" in p or "tfevents" in p]
+    assert pushed["model.safetensors"] == (mlm_run / "model" / "model.safetensors").read_bytes()
+    assert pushed["training_config.yaml"] == (mlm_run / "config.yaml").read_bytes()
+    summary = json.loads(pushed["metrics_summary.json"])
+    assert summary["steps"] == 2 and "eval/loss" in summary["final_eval"] and [r["step"] for r in summary["train"]] == [1, 2]
+    assert server.count("lfs_upload") == 1, "the weights go through LFS"
+
+    local = mlm_run / "model"
+    tokenizer = AutoTokenizer.from_pretrained("alice/tiny-bert")
+    model = AutoModelForMaskedLM.from_pretrained("alice/tiny-bert").eval()
+    reference = AutoModelForMaskedLM.from_pretrained(local).eval()
+    text = f"The return statement {tokenizer.mask_token} an exception."
+    inputs = tokenizer(text, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == AutoTokenizer.from_pretrained(local)(text, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+
+    card = ModelCard.load("alice/tiny-bert")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
+    assert "self-supervised" in card.data.tags
+    assert server.validated and server.validated[-1] == pushed["README.md"].decode(), "the client validated the card"
+    snippet = usage_snippet(card.text)
+    assert 'model="alice/tiny-bert"' in snippet and str(local) not in snippet
+    assert str(local) in usage_snippet((local / "README.md").read_text()), "the local card still loads locally"
+    exec(snippet, {})  # the pushed card's snippet runs as written, against the (local) Hub
+
+
+def test_wav2vec2_push_loads_back_with_transformers(server: HubServer, wav2vec2_run: Path) -> None:
+    from huggingface_hub import ModelCard
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    hub.push_to_hub(wav2vec2_run / "model", "alice/tiny-wav2vec2")  # the model folder itself works too
+    assert {"preprocessor_config.json", "training_config.yaml", "metrics_summary.json"} <= set(server.files("alice/tiny-wav2vec2"))
+    model = Wav2Vec2Model.from_pretrained("alice/tiny-wav2vec2").eval()
+    reference = Wav2Vec2Model.from_pretrained(wav2vec2_run / "model").eval()
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained("alice/tiny-wav2vec2")
+    waveform = torch.sin(torch.arange(16000) / 7.0).numpy()
+    inputs = extractor(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state, rtol=0, atol=0)
+    card = ModelCard.load("alice/tiny-wav2vec2")
+    assert card.data.library_name == "transformers" and "self-supervised" in card.data.tags
+    scope = {"waveform_16khz": waveform}
+    exec(usage_snippet(card.text), scope)
+    assert scope["hidden"].shape[-1] == model.config.hidden_size
+
+
+def test_clip_push_loads_back_with_open_clip(server: HubServer, clip_run: Path) -> None:
+    import open_clip
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    hub.push_to_hub(clip_run, "alice/tiny-clip")
+    assert {"open_clip_config.json", "open_clip_model.safetensors"} <= set(server.files("alice/tiny-clip"))
+    model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:alice/tiny-clip")
+    tokenizer = open_clip.get_tokenizer("hf-hub:alice/tiny-clip")
+    local, _, local_preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_run / 'model'}")
+    pil_image = Image.new("RGB", (64, 64), (200, 30, 30))
+    image = preprocess(pil_image).unsqueeze(0)
+    torch.testing.assert_close(image, local_preprocess(pil_image).unsqueeze(0))
+    text = tokenizer(["a photo of a red circle", "a photo of a blue star"])
+    model.eval()
+    local.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), local.encode_image(image), rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_text(text), local.encode_text(text), rtol=0, atol=0)
+    card = ModelCard.load("alice/tiny-clip")
+    assert card.data.library_name == "open_clip" and card.data.pipeline_tag == "zero-shot-image-classification"
+    assert "self-supervised" in card.data.tags
+    snippet = usage_snippet(card.text)
+    assert '"hf-hub:alice/tiny-clip"' in snippet and "local-dir:" not in snippet
+    scope = {"pil_image": pil_image}
+    exec(snippet, scope)
+    assert scope["probs"].shape == (1, 2)
+
+
+# ----------------------------------------------------------------------------------- repo behaviour
+def test_an_unchanged_folder_uploads_nothing(server: HubServer, mlm_run: Path) -> None:
+    first = hub.push_to_hub(mlm_run, "alice/again")
+    uploads = (server.count("commit"), server.count("lfs_upload"))
+    second = hub.push_to_hub(mlm_run, "alice/again", exist_ok=True)
+    assert (server.count("commit"), server.count("lfs_upload")) == uploads == (1, 1)
+    assert second.commit == first.commit and not second.changed
+    assert server.repos["alice/again"].branches["main"] == first.commit
+
+
+def test_a_private_repo_needs_the_token(server: HubServer, mlm_run: Path) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hub.push_to_hub(mlm_run, "alice/secret", private=True)
+    assert server.repos["alice/secret"].private
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("alice/secret", "config.json", token=False)
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("alice/secret", "config.json", token=BOB_TOKEN)
+    assert Path(hf_hub_download("alice/secret", "config.json", token=TOKEN)).read_bytes() == \
+        (mlm_run / "model" / "config.json").read_bytes()
+
+
+def test_a_revision_goes_to_its_branch(server: HubServer, mlm_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from huggingface_hub import hf_hub_download
+
+    from multissl.cli import main
+
+    server.add_repo("alice/branched", files={"notes.txt": b"main only\n"})
+    code = main(["push", str(mlm_run), "--repo-id", "alice/branched", "--revision", "experiment", "--exist-ok",
+                 "--commit-message", "try a branch"])
+    assert code == 0 and "branch experiment" in capsys.readouterr().out
+    on_branch, on_main = server.files("alice/branched", "experiment"), server.files("alice/branched", "main")
+    assert "model.safetensors" in on_branch and "notes.txt" in on_branch
+    assert set(on_main) == {"notes.txt"}
+    repo = server.repos["alice/branched"]
+    assert repo.messages[repo.branches["experiment"]] == "try a branch"
+    path = hf_hub_download("alice/branched", "config.json", revision="experiment")
+    assert Path(path).read_bytes() == (mlm_run / "model" / "config.json").read_bytes()
+
+
+def test_transient_errors_are_retried_and_others_are_not(server: HubServer, mlm_run: Path) -> None:
+    server.fail["create"] = [503]
+    server.fail["commit"] = [502, 429]
+    result = hub.push_to_hub(mlm_run, "alice/flaky")
+    assert result.changed and server.count("create") == 2 and server.count("commit") == 3
+    server.fail["commit"] = [409]
+    with pytest.raises(HubError, match=r"^conflict while pushing to alice/conflict \(409\)"):
+        hub.push_to_hub(mlm_run, "alice/conflict")
+    assert server.count("commit") == 4, "a conflict is not retried"
+    server.fail["create"] = [503, 503, 503]
+    with pytest.raises(HubError, match=r"answered 503.*tried 3 times"):
+        hub.push_to_hub(mlm_run, "alice/down")
+
+
+def test_no_token_is_a_clear_error(tmp_path: Path, mlm_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with HubServer(tokens={TOKEN: "alice"}) as s:
+        point_client_at(s.url, tmp_path / "empty_home", monkeypatch, token=None)
+        with pytest.raises(HubError, match=r"no Hugging Face token: pass --token, set HF_TOKEN"):
+            hub.push_to_hub(mlm_run, "alice/x")
+        assert s.requests == []
+
+
+# ------------------------------------------------------------------------------ the CLI's failures
+@pytest.mark.parametrize("case", ["server down", "bad token", "another owner", "exists"])
+def test_cli_failures_are_one_line_and_leave_the_output_alone(tmp_path: Path, mlm_run: Path, case: str) -> None:
+    with HubServer(tokens={TOKEN: "alice", BOB_TOKEN: "bob"}) as s:
+        s.add_repo("bob/taken")
+        s.add_repo("alice/mine")
+        url = closed_port_url() if case == "server down" else s.url
+        token = "hf_NotAValidToken000000000000" if case == "bad token" else TOKEN
+        repo = {"another owner": "bob/taken", "exists": "alice/mine"}.get(case, "alice/new")
+        before = snapshot(mlm_run)
+        proc = run([str(BIN / "multissl"), "push", str(mlm_run), "--repo-id", repo, "--token", token],
+                   timeout=120, **client_env(url, tmp_path / "hf_home", token=None))
+        requests = list(s.requests)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("multissl: error: "), proc.stderr
+    needle = {"server down": f"cannot reach the Hub at {url}", "bad token": "rejected the token (401)",
+              "another owner": "no write access to bob/taken (403)",
+              "exists": "alice/mine already exists (409); pass --exist-ok"}[case]
+    assert needle in lines[0]
+    assert token not in proc.stdout + proc.stderr
+    if case == "server down":
+        assert "tried 3 times" in lines[0]
+    else:
+        assert [r for _, r, _ in requests] == ["create"], "not retried, nothing uploaded"
+    assert snapshot(mlm_run) == before
+
+
+# ---------------------------------------------------------------------------- pushing from training
+def test_training_pushes_at_the_end(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes import mlm
+
+    out = tmp_path / "run"
+    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "trainer.hub.push": "true",
+                                                  "trainer.hub.repo_id": "alice/from-training"}))
+    assert result.state.step == 2
+    assert "pushed" in capsys.readouterr().out
+    pushed = server.files("alice/from-training")
+    assert pushed["model.safetensors"] == (out / "model" / "model.safetensors").read_bytes()
+    assert b"repo_id: alice/from-training" in pushed["training_config.yaml"]
+    for path, data in {**snapshot(out), **pushed}.items():
+        assert TOKEN.encode() not in data, path
+
+
+def test_a_failed_push_does_not_fail_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes import mlm
+
+    point_client_at(closed_port_url(), tmp_path / "hf_home", monkeypatch)
+    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0))
+    out = tmp_path / "run"
+    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "trainer.hub.push": "true",
+                                                  "trainer.hub.repo_id": "alice/unreachable"}))
+    assert result.state.step == 2 and result.final_metrics["loss"] > 0
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "README.md").is_file()
+    printed = capsys.readouterr().out
+    warning = [line for line in printed.splitlines() if line.startswith("warning: push to alice/unreachable failed:")]
+    assert len(warning) == 1, printed
+    assert f"the model is saved in {out / 'model'}; run: multissl push {out} --repo-id alice/unreachable" in warning[0]
+    assert "cannot reach the Hub" in warning[0] and TOKEN not in printed
+    for path, data in snapshot(out).items():
+        assert TOKEN.encode() not in data, path
+
+
+# ------------------------------------------------------------------------------------------- units
+def test_the_usage_snippet_is_rendered_for_a_folder_or_a_repo(tmp_path: Path) -> None:
+    template = ('m = AutoModel.from_pretrained("{repo}")\n'
+                'c = open_clip.create_model_and_transforms("{open_clip_ref}")')
+    folder = tmp_path / "run" / "model"
+    assert hub.render_usage(template, folder) == (f'm = AutoModel.from_pretrained("{folder}")\n'
+                                                  f'c = open_clip.create_model_and_transforms("local-dir:{folder}")')
+    card = f"---\nlibrary_name: x\n---\n\n## How to use\n\n{hub._usage_marker(folder)}\n```python\n" \
+           f"{hub.render_usage(template, folder)}\n```\n\n## Training configuration\n\n```json\n{{\"output_dir\": \"{folder}\"}}\n```\n"
+    pushed = hub.retarget_card(card, "me/model")
+    assert usage_snippet(pushed) == hub.render_usage(template, "me/model")
+    assert f'"output_dir": "{folder}"' in pushed, "only the snippet changes"
+    assert hub.retarget_card(hub.retarget_card(pushed, "org/other"), folder) == card, "retargeting is reversible"
+    assert hub.retarget_card("# no marker\n```python\nx = 1\n```\n", "me/model") == "# no marker\n```python\nx = 1\n```\n"
+
+
+def test_only_the_final_model_is_pushed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    model = run_dir / "model"
+    for rel in ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/README.md",
+                "model/optimizer.pt", "model/pytorch_model.bin", "model/scheduler.json", "model/.cache/x.json",
+                "model/events.out.tfevents.1.host", "model/checkpoints/step_1/model.safetensors",
+                "checkpoints/step_00000002/model.safetensors", "tensorboard/events.out.tfevents.2", "config.yaml"]:
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / rel).write_bytes(b"x")
+    assert hub.find_model_folder(run_dir) == (model, run_dir)
+    assert hub.find_model_folder(model) == (model, run_dir)
+    assert [p.as_posix() for p in hub.model_files(model)] == ["README.md", "config.json", "model.safetensors",
+                                                             "tokenizer.json"]
+    with pytest.raises(HubError, match="no such folder"):
+        hub.find_model_folder(tmp_path / "nope")
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(HubError, match="no final model yet"):
+        hub.find_model_folder(tmp_path / "unfinished")
