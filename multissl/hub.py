@@ -37,6 +37,24 @@ def _data_source(data: dict[str, Any]) -> str:
     return str(named) if named else "embedded demo corpus"
 
 
+def _hub_dataset_id(data: dict[str, Any]) -> str | None:
+    """``data.dataset`` when it names a Hub dataset rather than a local folder."""
+    named = data.get("dataset") or ""
+    return named if named and not Path(named).expanduser().exists() and "://" not in named else None
+
+
+def _eval_results(info: dict[str, Any], metrics: dict[str, Any], dataset: str) -> list[Any]:
+    """The model-index entries: the method's headline held-out metrics (``info["card_metrics"]``)."""
+    from huggingface_hub import EvalResult
+
+    task = info.get("pipeline_tag") or "feature-extraction"
+    return [
+        EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
+                   metric_type=metric, metric_name=metric, metric_value=round(float(metrics[metric]), 4))
+        for metric in info.get("card_metrics", ()) if isinstance(metrics.get(metric), (int, float))
+    ]
+
+
 def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics: dict[str, Any],
                      run_config: Any, metrics_path: Path) -> Path:
     """Write ``README.md`` (YAML metadata + what was trained how + how to load) into ``model_dir``."""
@@ -45,12 +63,19 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
     info = objective.model_card_info()
     method = info.get("method", objective.name)
     numeric = {k.split("/", 1)[-1]: v for k, v in final_metrics.items() if isinstance(v, (int, float))}
+    cfg = config_lib.to_dict(run_config) if run_config is not None else {}
+    name = model_dir.parent.name or "multissl model"
+    source = _data_source(cfg.get("data", {}))
+    hub_id = _hub_dataset_id(cfg.get("data", {}))
     data = ModelCardData(
         library_name=info.get("library_name"),
         pipeline_tag=info.get("pipeline_tag") or None,
         tags=["multissl", "self-supervised", METHOD_TAGS.get(method, method)],
+        license=cfg.get("trainer", {}).get("hub", {}).get("license") or None,
+        datasets=[hub_id] if hub_id else None,
+        model_name=name,
+        eval_results=_eval_results(info, numeric, hub_id or source) or None,
     )
-    cfg = config_lib.to_dict(run_config) if run_config is not None else {}
     rows = [
         ("method", method),
         ("architecture", f"{info.get('arch', '?')} ({info.get('size', '?')})"),
@@ -63,12 +88,12 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
           for u, v in state.seen.items() if u.startswith("skipped_") and v],
         ("training time", f"{state.train_seconds / 60:.1f} min"),
         ("hardware", _hardware()),
-        ("data", _data_source(cfg.get("data", {}))),
+        ("data", source),
     ]
     # a local card loads from this folder; a push rewrites the snippet for the repo (retarget_card)
     usage = render_usage(info.get("usage", ""), model_dir)
     lines = [
-        f"# {model_dir.parent.name or 'multissl model'}",
+        f"# {name}",
         "",
         f"A {info.get('arch', '')} model pretrained from scratch with multissl's `{method}` recipe.",
         "",
@@ -179,6 +204,9 @@ class HubConfig:
     revision: str = ""
     """A branch to push to (created from main when missing); empty = main."""
     commit_message: str = ""
+    license: str = ""
+    """License id for the card's metadata (e.g. apache-2.0, mit, cc-by-4.0); empty = not stated.
+    Written on every run's local card too."""
 
     def __post_init__(self) -> None:
         if self.push and not self.repo_id.strip():

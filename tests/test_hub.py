@@ -79,7 +79,8 @@ def mlm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from recipes import mlm
 
     out = tmp_path_factory.mktemp("mlm") / "run"
-    mlm.main(tiny_args(out, steps=2, **{"trainer.log_every": 1, "trainer.eval_max_batches": 1}))
+    mlm.main(tiny_args(out, steps=2, **{"trainer.log_every": 1, "trainer.eval_max_batches": 1,
+                                        "trainer.hub.license": "apache-2.0"}))
     return out
 
 
@@ -140,7 +141,11 @@ def test_mlm_push_loads_back_with_transformers(server: HubServer, mlm_run: Path)
 
     card = ModelCard.load("alice/tiny-bert")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
-    assert "self-supervised" in card.data.tags
+    assert "self-supervised" in card.data.tags and card.data.license == "apache-2.0"
+    # model-index: the held-out headline metrics, as logged at the end of training
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert set(results) == {"loss", "perplexity", "masked_accuracy"}
+    assert results["loss"] == pytest.approx(summary["final_eval"]["eval/loss"], abs=1e-4)
     assert server.validated and server.validated[-1] == pushed["README.md"].decode(), "the client validated the card"
     snippet = usage_snippet(card.text)
     assert 'model="alice/tiny-bert"' in snippet and str(local) not in snippet
@@ -189,7 +194,8 @@ def test_clip_push_loads_back_with_open_clip(server: HubServer, clip_run: Path) 
         torch.testing.assert_close(model.encode_text(text), local.encode_text(text), rtol=0, atol=0)
     card = ModelCard.load("alice/tiny-clip")
     assert card.data.library_name == "open_clip" and card.data.pipeline_tag == "zero-shot-image-classification"
-    assert "self-supervised" in card.data.tags
+    assert "self-supervised" in card.data.tags and card.data.license is None, "no licence unless one is given"
+    assert {r.metric_type for r in card.data.eval_results} == {"zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"}
     snippet = usage_snippet(card.text)
     assert '"hf-hub:alice/tiny-clip"' in snippet and "local-dir:" not in snippet
     scope = {"pil_image": pil_image}

@@ -265,6 +265,7 @@ class ClipPretraining(Objective):
     def model_card_info(self) -> dict[str, Any]:
         return {
             "library_name": "open_clip", "pipeline_tag": "zero-shot-image-classification", "method": "clip",
+            "card_metrics": ("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"),
             "arch": self.model_name, "size": self.model_name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "auto_class": "open_clip",

@@ -120,6 +120,7 @@ class LanguageModelObjective(Objective):
         return {
             "library_name": "transformers",
             "pipeline_tag": self.pipeline_tag,
+            "card_metrics": ("loss", "perplexity", "masked_accuracy", "next_token_accuracy"),
             "method": self.name,
             "arch": self.arch,
             "size": self.size,

@@ -329,6 +329,7 @@ class Wav2Vec2Pretraining(Objective):
     def model_card_info(self) -> dict[str, Any]:
         return {
             "library_name": "transformers", "pipeline_tag": "feature-extraction", "method": "wav2vec2",
+            "card_metrics": ("contrastive_accuracy", "contrastive_loss", "codevector_perplexity"),
             "arch": "wav2vec2", "size": self.size, "parameters": sum(p.numel() for p in self.model.parameters()),
             "auto_class": "Wav2Vec2Model",
             "usage": ("from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model\n\n"
