@@ -24,6 +24,7 @@ from multissl.errors import ConfigError, HubError
 
 T = TypeVar("T")
 
+LOSS_CURVE = "loss_curve.png"  # drawn next to the card, shown in it, pushed with it
 METHOD_TAGS = {"mlm": "masked-language-modeling", "clm": "causal-language-modeling"}
 
 
@@ -92,6 +93,9 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
     ]
     # a local card loads from this folder; a push rewrites the snippet for the repo (retarget_card)
     usage = render_usage(info.get("usage", ""), model_dir)
+    from multissl.plots import loss_curve
+
+    curve = loss_curve(metrics_path, model_dir / LOSS_CURVE)
     lines = [
         f"# {name}",
         "",
@@ -109,6 +113,7 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         "|---|---|",
         *[f"| {k} | {_fmt(v)} |" for k, v in sorted(numeric.items())],
         "",
+        *(["## Loss curve", "", f"![Training and held-out loss against optimizer steps]({LOSS_CURVE})", ""] if curve else []),
         "## How to use",
         "",
         _usage_marker(model_dir),
@@ -216,7 +221,7 @@ class HubConfig:
 
 
 # ------------------------------------------------------------------------------------ what is pushed
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".md", ".jinja", ".tiktoken")
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".md", ".jinja", ".tiktoken", ".png")
 """Weights (safetensors only), configs, vocabularies, tokenizer models, chat templates, the card."""
 _NEVER_PUSHED = re.compile(
     r"(^|/)(checkpoints|tensorboard|runs|__pycache__|\.[^/]*)(/|$)"   # folders of training state, hidden files

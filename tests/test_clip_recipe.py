@@ -52,6 +52,7 @@ def test_tiny_preset_learns_and_exports(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.encode_text(text), trained.encode_text(text))
     card = (model_dir / "README.md").read_text()
     assert "library_name: open_clip" in card and "zero_shot_top1" in card and "transformers." not in card
+    assert (model_dir / "loss_curve.png").is_file() and "](loss_curve.png)" in card
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     scope = {"pil_image": Image.new("RGB", (64, 64), (200, 30, 30))}
     exec(snippet, scope)  # the card's loading snippet runs as written

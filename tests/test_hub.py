@@ -125,9 +125,10 @@ def test_mlm_push_loads_back_with_transformers(server: HubServer, mlm_run: Path)
     assert not [p for p in pushed if p.startswith(("checkpoints", "tensorboard")) or "optimizer" in p or "tfevents" in p]
     assert pushed["model.safetensors"] == (mlm_run / "model" / "model.safetensors").read_bytes()
     assert pushed["training_config.yaml"] == (mlm_run / "config.yaml").read_bytes()
+    assert pushed["loss_curve.png"].startswith(b"\x89PNG") and "](loss_curve.png)" in pushed["README.md"].decode()
     summary = json.loads(pushed["metrics_summary.json"])
     assert summary["steps"] == 2 and "eval/loss" in summary["final_eval"] and [r["step"] for r in summary["train"]] == [1, 2]
-    assert server.count("lfs_upload") == 1, "the weights go through LFS"
+    assert server.count("lfs_upload") == 2, "the binary files (weights, loss curve) go through LFS"
 
     local = mlm_run / "model"
     tokenizer = AutoTokenizer.from_pretrained("alice/tiny-bert")
@@ -208,7 +209,7 @@ def test_an_unchanged_folder_uploads_nothing(server: HubServer, mlm_run: Path) -
     first = hub.push_to_hub(mlm_run, "alice/again")
     uploads = (server.count("commit"), server.count("lfs_upload"))
     second = hub.push_to_hub(mlm_run, "alice/again", exist_ok=True)
-    assert (server.count("commit"), server.count("lfs_upload")) == uploads == (1, 1)
+    assert (server.count("commit"), server.count("lfs_upload")) == uploads == (1, 2)  # one commit; weights + loss curve by LFS
     assert second.commit == first.commit and not second.changed
     assert server.repos["alice/again"].branches["main"] == first.commit
 

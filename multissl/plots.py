@@ -1,0 +1,39 @@
+"""Figures for model cards and reports, drawn with matplotlib's file backend (no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multissl.metrics import read_jsonl
+
+
+def loss_curve(metrics_path: Path, out: Path) -> Path | None:
+    """Training and held-out loss against optimizer steps, from a run's ``metrics.jsonl``; None when
+    there is nothing to draw (no logged loss)."""
+    if not metrics_path.is_file():
+        return None
+    rows = read_jsonl(metrics_path)
+    series = {
+        "training": [(r["step"], r["train/loss"]) for r in rows if isinstance(r.get("train/loss"), (int, float))],
+        "held-out": [(r["step"], r["eval/loss"]) for r in rows if isinstance(r.get("eval/loss"), (int, float))],
+    }
+    if not any(series.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for (label, points), style in zip(series.items(), ("-", "o-")):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out
