@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,27 @@ def run(args: list[str], timeout: int = 300, **env: str) -> subprocess.Completed
     """A command from the repository root, offline, with the package importable."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def assert_resume_is_exact(main: Any, args: list[str], out: Path, steps: int) -> Any:
+    """Run ``main(args)`` straight to ``steps``; drop the last checkpoint and the model, as a kill
+    right after the previous checkpoint would; run again (it resumes) and check that the weights and
+    every logged loss match the straight run. Returns the resumed run's result."""
+    import shutil
+
+    import torch
+
+    from multissl.metrics import read_jsonl
+
+    straight = main(args)
+    want = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    rows = read_jsonl(out / "metrics.jsonl")
+    shutil.rmtree(out / "checkpoints" / f"step_{steps:08d}")
+    shutil.rmtree(out / "model")
+    resumed = main(args)
+    assert resumed.state.step == steps
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
+    assert key(read_jsonl(out / "metrics.jsonl")) == key(rows)
+    return resumed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from multissl import config
 from multissl.data.shapes_demo import build_shapes_corpus
 from multissl.metrics import read_jsonl
 from recipes import clip
+from tests.conftest import assert_resume_is_exact
 
 
 def _args(out: Path, steps: int, **extra: object) -> list[str]:
@@ -63,16 +63,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     corpus = build_shapes_corpus(tmp_path / "shapes", 160, seed=1)
     args = _args(tmp_path / "run", 8, **{"trainer.save_every": 4, "trainer.keep_last": 3, "trainer.batch_size": 16,
                                           "data.files": f"[{corpus.parent}]", "trainer.eval_every": 4})
-    straight = clip.main(args)
-    want = {k: v.clone() for k, v in straight.model.state_dict().items()}
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000008")
-    shutil.rmtree(tmp_path / "run" / "model")
-    resumed = clip.main(args)
-    for name, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
-    key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
-    assert key(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == key(rows)
+    assert_resume_is_exact(clip.main, args, tmp_path / "run", 8)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from multissl.metrics import read_jsonl
 from recipes import clm, mlm
-from tests.conftest import tiny_args
+from tests.conftest import assert_resume_is_exact, tiny_args
 
 
 def _eval_losses(out: Path) -> list[float]:
@@ -75,19 +74,7 @@ def test_resume_matches_straight_run(tmp_path: Path) -> None:
     """2N straight vs N, then a fresh process resuming from the step-N checkpoint, then N more."""
     args = tiny_args(tmp_path, steps=16, **{"trainer.save_every": 8, "trainer.keep_last": 3, "model.dropout": 0.1,
                                              "trainer.eval_every": 8})
-    straight = mlm.main(args)
-    want = {k: v.clone() for k, v in straight.model.state_dict().items()}
-    rows_straight = read_jsonl(tmp_path / "metrics.jsonl")
-    # Back to the state right after step 8: drop what came later, as a kill at step 8 would have.
-    shutil.rmtree(tmp_path / "checkpoints" / "step_00000016")
-    shutil.rmtree(tmp_path / "model")
-    resumed = mlm.main(args)
-    assert resumed.state.step == 16
-    for name, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
-    key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
-    assert key(rows) == key(rows_straight)
+    assert_resume_is_exact(mlm.main, args, tmp_path, 16)
 
 
 def test_streaming_needs_max_steps_then_runs(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from multissl.data.audio import prepare_audio
 from multissl.data.speech_demo import build_speech_corpus
 from multissl.metrics import read_jsonl
 from recipes import wav2vec2
-from tests.conftest import BIN, run
+from tests.conftest import BIN, assert_resume_is_exact, run
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +85,8 @@ def test_runs_logs_and_output_loads(tmp_path: Path, corpus: Path) -> None:
 def test_resume_is_exact_including_gumbel_temperature(tmp_path: Path, corpus: Path, streaming: bool) -> None:
     args = _args(tmp_path, corpus, 8, **{"trainer.save_every": 4, "trainer.keep_last": 3, "loss.gumbel_decay": 0.99,
                                          "data.streaming": streaming, "data.shuffle_buffer": 16})
-    straight = wav2vec2.main(args)
-    want = {k: v.clone() for k, v in straight.model.state_dict().items()}
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
-    shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
-    shutil.rmtree(tmp_path / "model")
-    resumed = wav2vec2.main(args)
-    for name, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    resumed = assert_resume_is_exact(wav2vec2.main, args, tmp_path, 8)
     assert resumed.model.quantizer.temperature == pytest.approx(2.0 * 0.99**8)
-    key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
-    assert key(read_jsonl(tmp_path / "metrics.jsonl")) == key(rows)
 
 
 def test_bad_files_are_skipped_and_the_run_completes(tmp_path: Path, corpus: Path,
