@@ -23,3 +23,9 @@ class TrainingInterrupted(MultiSSLError):
 
 class HubError(MultiSSLError):
     """A push to the Hugging Face Hub failed (no token, no rights, unreachable, conflict)."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to pages), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from multissl.data.demo import heldout_mask
 from multissl.data.files import expand_files
 from multissl.data.loader import DatasetView, ShardedBatches, batch_seed
-from multissl.errors import ConfigError, DataError
+from multissl.errors import ConfigError, DataError, first_line
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
 MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
@@ -113,11 +113,6 @@ def _resampler(orig: int, new: int) -> Any:
     return torchaudio.transforms.Resample(orig, new)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_audio(source: str | Path | bytes, target_rate: int, name: str | None = None) -> np.ndarray:
     """Decode to float32 mono at ``target_rate`` (channels averaged), or raise a `BadAudio` naming it."""
     import soundfile as sf
@@ -128,7 +123,7 @@ def load_audio(source: str | Path | bytes, target_rate: int, name: str | None = 
             rate = f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile reports every failure as one of several types
-        raise UndecodableAudio(f"{name}: cannot decode audio ({_first_line(err)})") from None
+        raise UndecodableAudio(f"{name}: cannot decode audio ({first_line(err)})") from None
     if data.shape[0] == 0:
         raise UndecodableAudio(f"{name}: holds no audio samples")
     x = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
@@ -360,7 +355,7 @@ def _load_dataset_source(cfg: AudioDataConfig) -> dict[str, list[Any]]:
         else:
             ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
     except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {_first_line(err)}") from None
+        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
     if cfg.audio_column not in ds.column_names:
         raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} (columns: {', '.join(ds.column_names)}); set data.audio_column")
     if isinstance(ds.features[cfg.audio_column], datasets.Audio):
@@ -389,7 +384,7 @@ def _probe(source: str | bytes) -> float:
     try:
         info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
     except Exception as err:
-        raise UndecodableAudio(_first_line(err)) from None
+        raise UndecodableAudio(first_line(err)) from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise UndecodableAudio("holds no audio samples")
     return info.frames / info.samplerate
@@ -437,27 +432,6 @@ def load_utterances(cfg: AudioDataConfig) -> tuple[Any, str]:
     return datasets.Dataset.from_dict(out), source
 
 
-def _heldout_mask(keys: list[str], fraction: float) -> np.ndarray | None:
-    """Which rows to hold out, whole keys at a time; ``None`` when the keys cannot be split."""
-    from multissl.data.demo import is_heldout
-
-    uniq = sorted(set(keys))
-    if len(uniq) < 2:
-        return None
-    held_keys = {k for k in uniq if is_heldout(k, fraction)}
-    if not held_keys or len(held_keys) == len(uniq):  # small corpora: take whole keys by hash rank
-        counts = {k: 0 for k in uniq}
-        for k in keys:
-            counts[k] += 1
-        held_keys, total = set(), 0
-        for k in sorted(uniq, key=lambda k: zlib.crc32(k.encode("utf-8"))):
-            if total >= max(1, round(fraction * len(keys))) or len(held_keys) == len(uniq) - 1:
-                break
-            held_keys.add(k)
-            total += counts[k]
-    return np.array([k in held_keys for k in keys])
-
-
 def prepare_audio(cfg: AudioDataConfig, seed: int = 0) -> tuple[Any, Any]:
     """``(train, eval)`` utterance sets; eval holds out whole speakers when the data names them.
 
@@ -471,9 +445,9 @@ def prepare_audio(cfg: AudioDataConfig, seed: int = 0) -> tuple[Any, Any]:
     ds, source = load_utterances(cfg)
     if cfg.validation_fraction == 0:
         return AudioDataset(ds, cfg), None
-    mask = _heldout_mask(ds["speaker"], cfg.validation_fraction) if "speaker" in ds.column_names else None
+    mask = heldout_mask(ds["speaker"], cfg.validation_fraction) if "speaker" in ds.column_names else None
     if mask is None:
-        mask = _heldout_mask([Path(p).name for p in ds["path"]], cfg.validation_fraction)
+        mask = heldout_mask([Path(p).name for p in ds["path"]], cfg.validation_fraction)
     if mask is None:
         raise DataError(f"{source}: only {len(ds)} utterance(s); need at least 2 to hold out validation")
     held = np.flatnonzero(mask).tolist()

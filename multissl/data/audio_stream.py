@@ -30,7 +30,7 @@ from multissl.data.audio import (
     duration_batches,
 )
 from multissl.data.loader import batch_seed
-from multissl.errors import DataError
+from multissl.errors import DataError, first_line
 
 
 class AudioStream:
@@ -121,7 +121,7 @@ def _rows_from_dataset(cfg: AudioDataConfig) -> Any:
         else:
             ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=True)
     except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {str(err).strip().splitlines()[0]}") from None
+        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
     if ds.features is not None:
         if cfg.audio_column not in ds.features:
             raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import zlib
 
+import numpy as np
+
 
 def python_doc_paragraphs(min_words: int = 4) -> list[dict[str, str]]:
     """Paragraphs of the CPython help topics as ``{"text", "topic"}`` rows, in a fixed order."""
@@ -26,6 +28,25 @@ def python_doc_paragraphs(min_words: int = 4) -> list[dict[str, str]]:
 def is_heldout(text: str, fraction: float) -> bool:
     """Stable, order-independent split: a paragraph's CRC decides its side."""
     return (zlib.crc32(text.encode("utf-8")) % 10_000) < fraction * 10_000
+
+
+def heldout_mask(keys: list[str], fraction: float) -> np.ndarray | None:
+    """Which rows to hold out, whole keys at a time; ``None`` when the keys cannot be split."""
+    uniq = sorted(set(keys))
+    if len(uniq) < 2:
+        return None
+    held_keys = {k for k in uniq if is_heldout(k, fraction)}
+    if not held_keys or len(held_keys) == len(uniq):  # small corpora: take whole keys by hash rank
+        counts = {k: 0 for k in uniq}
+        for k in keys:
+            counts[k] += 1
+        held_keys, total = set(), 0
+        for k in sorted(uniq, key=lambda k: zlib.crc32(k.encode("utf-8"))):
+            if total >= max(1, round(fraction * len(keys))) or len(held_keys) == len(uniq) - 1:
+                break
+            held_keys.add(k)
+            total += counts[k]
+    return np.array([k in held_keys for k in keys])
 
 
 def demo_text_splits(validation_fraction: float = 0.05):

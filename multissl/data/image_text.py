@@ -30,8 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from multissl.data.demo import heldout_mask
 from multissl.data.loader import DatasetView
-from multissl.errors import ConfigError, DataError
+from multissl.errors import ConfigError, DataError, first_line
 
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -91,11 +92,6 @@ class ImageTextDataConfig:
 # ------------------------------------------------------------------------------- decoding
 class BadImage(DataError):
     """An image that cannot be used; the collator counts and skips it (or stops, when asked)."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _to_8bit(img: Any) -> Any:
@@ -164,11 +160,11 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     except UnidentifiedImageError:
         raise BadImage(f"{name}: not an image, or a format PIL cannot read") from None
     except Image.DecompressionBombError as err:
-        raise BadImage(f"{name}: {_first_line(err)}") from None
+        raise BadImage(f"{name}: {first_line(err)}") from None
     except FileNotFoundError:
         raise BadImage(f"{name}: no such file") from None
     except Exception as err:  # truncated data, broken chunks, unsupported modes: many exception types
-        raise BadImage(f"{name}: cannot decode image ({_first_line(err)})") from None
+        raise BadImage(f"{name}: cannot decode image ({first_line(err)})") from None
 
 
 @contextlib.contextmanager
@@ -553,7 +549,7 @@ def _open_dataset(cfg: ImageTextDataConfig, streaming: bool) -> Any:
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {_first_line(err)}") from None
+        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
     columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
     where = f"data.dataset={cfg.dataset!r}"
     if cfg.image_column not in columns:
@@ -656,7 +652,6 @@ def prepare_image_text(
     The split does not depend on ``seed`` (a hash of each file name decides), so it is stable across
     runs; on tiny sets whole file names are moved so that neither side is empty.
     """
-    from multissl.data.audio import _heldout_mask
 
     del seed  # kept for the prepare_* signature; nothing here is random
     if cfg.streaming:
@@ -666,7 +661,7 @@ def prepare_image_text(
     ds = ds.remove_columns("_key")
     if cfg.validation_fraction == 0:
         return ImageTextDataset(ds, classnames, source), None
-    mask = _heldout_mask(keys, cfg.validation_fraction)
+    mask = heldout_mask(keys, cfg.validation_fraction)
     if mask is None:
         raise DataError(f"{source}: only {len(ds)} distinct image(s); need at least 2 to hold out validation "
                         "(or set data.validation_fraction=0)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multissl.data.files import expand_files
-from multissl.errors import ConfigError, DataError
+from multissl.errors import ConfigError, DataError, first_line
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 PACK_BATCH = 1000  # documents per map batch: one possibly-short block per this many documents
@@ -136,7 +136,7 @@ def naming_bad_files(files: list[Path], what: str) -> Iterator[None]:
         bad = _first_undecodable(files)
         if bad:
             raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); re-encode it as UTF-8") from None
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = first_line(err)
         raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {msg}") from None
 
 
@@ -146,7 +146,7 @@ def load_hub(cfg: TextDataConfig, split: str) -> Any:
     try:
         return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split, streaming=cfg.streaming)
     except Exception as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = first_line(err)
         raise DataError(f"data.dataset={cfg.dataset!r} split {split!r}: {msg}") from None
 
 
@@ -276,7 +276,7 @@ def get_tokenizer(cfg: TextDataConfig, kind: Literal["mlm", "clm"], train: Any, 
         try:
             tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
         except Exception as err:
-            raise DataError(f"data.tokenizer={cfg.tokenizer!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+            raise DataError(f"data.tokenizer={cfg.tokenizer!r}: cannot load a tokenizer ({first_line(err)})") from None
     elif (save_dir / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(save_dir)
     else:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from multissl.errors import ConfigError
+from multissl.errors import ConfigError, first_line
 from multissl.metrics import Mean
 from multissl.objectives.base import Objective
 
@@ -85,11 +85,6 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, Any, Any, Any, dict[str, Any]]:
     """``(model, train transform, eval transform, tokenizer, model config)`` from open_clip."""
     import open_clip
@@ -115,7 +110,7 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
                 name, pretrained=str(source) if source is not None and source.is_file() else None, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
-        raise ConfigError(f"model: cannot build open_clip model {name!r} ({_first_line(err)})") from None
+        raise ConfigError(f"model: cannot build open_clip model {name!r} ({first_line(err)})") from None
     if name.startswith("local-dir:"):
         model_cfg = json.loads((source / CONFIG_NAME).read_text())["model_cfg"]  # type: ignore[operator]
     else:

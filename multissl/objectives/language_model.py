@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from multissl.errors import ConfigError
+from multissl.errors import ConfigError, first_line
 from multissl.objectives.base import Objective
 
 # hidden size, layers, attention heads, feed-forward size
@@ -85,7 +85,7 @@ def build_model(cfg: TextModelConfig, tokenizer: Any, max_seq_len: int, auto_cla
         try:
             model = auto_class.from_pretrained(cfg.init_from, attn_implementation=cfg.attn_implementation)
         except Exception as err:
-            raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({first_line(err)})") from None
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model

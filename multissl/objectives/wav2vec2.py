@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from multissl.errors import ConfigError, TrainingError
+from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
 from multissl.objectives.base import Objective
 
@@ -160,7 +160,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
         try:
             return Wav2Vec2ForPreTraining.from_pretrained(cfg.init_from)
         except Exception as err:
-            raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({first_line(err)})") from None
     h, layers, heads, ffn, conv, codevectors = W2V_SIZES[cfg.size]
     h, layers = cfg.hidden_size or h, cfg.num_layers or layers
     conv = cfg.conv_dim or conv
