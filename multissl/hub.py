@@ -68,10 +68,13 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
     name = model_dir.parent.name or "multissl model"
     source = _data_source(cfg.get("data", {}))
     hub_id = _hub_dataset_id(cfg.get("data", {}))
+    fine_tuned = bool(info.get("fine_tuned"))
+    base_model = info.get("base_model") or ""
     data = ModelCardData(
         library_name=info.get("library_name"),
         pipeline_tag=info.get("pipeline_tag") or None,
-        tags=["multissl", "self-supervised", METHOD_TAGS.get(method, method)],
+        tags=["multissl", "fine-tuned" if fine_tuned else "self-supervised", METHOD_TAGS.get(method, method)],
+        base_model=base_model if _is_hub_id(base_model) else None,
         license=cfg.get("trainer", {}).get("hub", {}).get("license") or None,
         datasets=[hub_id] if hub_id else None,
         model_name=name,
@@ -99,7 +102,7 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
     lines = [
         f"# {name}",
         "",
-        f"A {info.get('arch', '')} model pretrained from scratch with multissl's `{method}` recipe.",
+        _summary_line(info, method),
         "",
         "## Training",
         "",
@@ -131,14 +134,30 @@ def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics:
         "",
         "## Limitations",
         "",
-        "A small model trained briefly on a small corpus: it shows the recipe works, not that it is useful for",
-        "downstream tasks without further pretraining on more data.",
+        *(["A model fine-tuned on one labelled set: expect it to do well only on texts or audio like that set's,",
+           "and check its held-out scores above before relying on it."] if fine_tuned else
+          ["A small model trained briefly on a small corpus: it shows the recipe works, not that it is useful for",
+           "downstream tasks without further pretraining on more data."]),
         "",
     ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = model_dir / "README.md"
     card.save(path)
     return path
+
+
+def _is_hub_id(ref: str) -> bool:
+    """``name`` or ``namespace/name`` that is not a local path: what the card's base_model may hold."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref or "")) and not Path(ref).expanduser().exists()
+
+
+def _summary_line(info: dict[str, Any], method: str) -> str:
+    arch = info.get("arch", "")
+    if not info.get("fine_tuned"):
+        return f"A {arch} model pretrained from scratch with multissl's `{method}` recipe."
+    base = info.get("base_model")
+    start = f"the pretrained model `{base}`" if base else "random weights (no pretraining)"
+    return f"A {arch} model fine-tuned for {info.get('pipeline_tag', method)} with multissl's `{method}` task, from {start}."
 
 
 def _hardware() -> str:
@@ -292,6 +311,8 @@ class PushResult:
     """Every path the commit covers (README.md, weights, ...)."""
     changed: bool = True
     """False when the repo already held exactly these files (no new commit was made)."""
+    deleted: list[str] = field(default_factory=list)
+    """Model files an earlier push left in the repo that this model no longer has (removed)."""
 
 
 def scrub(text: str, token: str | None) -> str:
@@ -306,37 +327,63 @@ def _without_token(data: bytes, token: str) -> bytes:
     return data.replace(token.encode(), b"<token>")
 
 
+def hide_local_paths(text: str, run_dir: Path | None) -> str:
+    """``text`` without this machine's layout: the run folder's absolute path becomes its name, the
+    home folder ``~``. The card and the training config name paths (output_dir, data files,
+    init_from) that say nothing to a reader on the Hub and can say too much about the uploader."""
+    if run_dir is not None:
+        resolved = run_dir.resolve()
+        for form in {str(resolved), str(run_dir.absolute())}:
+            text = text.replace(form, resolved.name)
+    home = str(Path.home())
+    return text.replace(home + "/", "~/") if len(home) > 1 else text
+
+
 def _contents(model_dir: Path, run_dir: Path | None, repo_id: str, token: str) -> dict[str, Path | bytes]:
     """path in repo -> a local file, or bytes when the pushed file differs from the local one
-    (the card retargeted to the repo, anything the token had leaked into)."""
+    (the card retargeted to the repo and without local paths, anything the token had leaked into)."""
     out: dict[str, Path | bytes] = {}
     for rel in model_files(model_dir):
         local = model_dir / rel
         if rel.as_posix() == "README.md":
-            out["README.md"] = _without_token(retarget_card(local.read_text(encoding="utf-8"), repo_id).encode(), token)
+            card = hide_local_paths(retarget_card(local.read_text(encoding="utf-8"), repo_id), run_dir or model_dir)
+            out["README.md"] = _without_token(card.encode(), token)
         elif local.suffix != ".safetensors" and token.encode() in (data := local.read_bytes()):
             out[rel.as_posix()] = _without_token(data, token)
         else:
             out[rel.as_posix()] = local
     if run_dir is not None:
         if (run_dir / "config.yaml").is_file():
-            out["training_config.yaml"] = _without_token((run_dir / "config.yaml").read_bytes(), token)
+            config = hide_local_paths((run_dir / "config.yaml").read_text(encoding="utf-8"), run_dir)
+            out["training_config.yaml"] = _without_token(config.encode(), token)
         if (run_dir / "metrics.jsonl").is_file():
             summary = json.dumps(metrics_summary(run_dir / "metrics.jsonl"), indent=1, allow_nan=True) + "\n"
             out["metrics_summary.json"] = _without_token(summary.encode(), token)
     return out
 
 
+STALE_SUFFIXES = MODEL_FILE_SUFFIXES + (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+"""Files of these kinds left in the repo by an earlier push are removed when the model no longer has
+them (a stale weights file or tokenizer config would be loaded alongside the new ones); other files
+in the repo (.gitattributes, what the owner added by hand) are left alone."""
+
+
+def _stale(repo_files: list[str], contents: dict[str, Any]) -> list[str]:
+    return sorted(f for f in repo_files if f not in contents and Path(f).suffix in STALE_SUFFIXES
+                  and not f.startswith(".") and f != "README.md")
+
+
 def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revision: str = "", commit_message: str = "",
-                token: str | None = None, exist_ok: bool = False) -> PushResult:
+                token: str | None = None, exist_ok: bool = False, prune: bool = True) -> PushResult:
     """Upload a run's final model (``path`` = its output_dir, or the model folder) to ``repo_id``.
 
     Creates the repo (``exist_ok``: or adds a commit to an existing one) and the ``revision`` branch
-    when missing. Unchanged files are not uploaded again; an unchanged folder makes no commit.
-    Raises ``HubError`` with a one-line reason.
+    when missing. Unchanged files are not uploaded again; an unchanged folder makes no commit; with
+    ``prune``, model files that an earlier push left and this model lacks are deleted in the same
+    commit. Raises ``HubError`` with a one-line reason.
     """
     model_dir, run_dir = find_model_folder(path)
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 
     token = token or get_token()
     if not token:
@@ -354,7 +401,9 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revisi
         stage = "commit"
         contents = _contents(model_dir, run_dir, full_id, token)
         head = _with_retries(lambda: api.repo_info(full_id, revision=branch)).sha
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in contents.items()]
+        operations: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in contents.items()]
+        stale = _stale(_with_retries(lambda: api.list_repo_files(full_id, revision=branch)), contents) if prune else []
+        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         message = commit_message or f"Upload {model_dir.parent.name or 'model'} (multissl)"
         info = _with_retries(lambda: api.create_commit(full_id, operations, commit_message=message, revision=branch))
     except HubError:
@@ -365,7 +414,7 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revisi
             raise
         raise HubError(scrub(reason, token)) from None
     return PushResult(repo_id=full_id, url=str(repo), revision=branch, commit=info.oid, files=sorted(contents),
-                      changed=info.oid != head)
+                      changed=info.oid != head, deleted=stale)
 
 
 def _status(err: BaseException) -> int | None:

@@ -37,3 +37,30 @@ def loss_curve(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, format="png")
     plt.close(fig)
     return out
+
+
+def lift_plot(points: dict[str, list[tuple[float, float, float]]], metric: str, title: str, out: Path) -> Path:
+    """One curve per starting point (pretrained, from scratch): ``metric`` against the labelled
+    fraction (log scale), as ``(fraction, mean, spread)`` points; the spread is drawn as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for (label, series), style in zip(points.items(), ("o-", "s--")):
+        xs, ys, errs = zip(*sorted(series))
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt=style, label=label, capsize=3, markersize=5)
+    ax.set_xscale("log")
+    xs_all = sorted({x for series in points.values() for x, _, _ in series})
+    ax.set_xticks(xs_all, [f"{x:.0%}" if x >= 0.01 else f"{x:.1%}" for x in xs_all])
+    ax.minorticks_off()
+    ax.set_xlabel("share of the training labels used")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out

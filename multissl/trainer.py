@@ -28,9 +28,18 @@ from multissl.errors import ConfigError, TrainingError, TrainingInterrupted
 from multissl.hub import HubConfig
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.objectives.base import Objective
+from multissl.probe import ProbeConfig
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"  # the exported model; with a best metric, the best evaluated one so far
+PREDICTIONS_FILE = "predictions.jsonl"  # the exported model's predictions on the eval split
+LOWER_IS_BETTER = ("loss", "wer", "cer", "perplexity", "error", "error_rate")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (losses, error rates), by its name."""
+    return any(metric == m or metric.endswith(f"_{m}") for m in LOWER_IS_BETTER)
 SKIP_PREFIX = "skipped_"  # count units that are running totals of dropped bad inputs, not throughput
 
 
@@ -86,6 +95,13 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     """Stop with an error after this many non-finite losses in a row (each one is skipped)."""
     progress_bar: bool = True
+    best_metric: str = ""
+    """The eval metric that picks which evaluated model is exported (lower is better for losses, error
+    rates, wer, cer and perplexity, higher for the rest); empty = the objective's choice (fine-tuning
+    tasks keep their best model by their headline metric; pretraining exports the last)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """A frozen-feature probe run at every evaluation (``trainer.probe.task=text-topics``, keywords,
+    shapes, or files), logged as ``probe/linear_acc``, ``probe/knn_acc`` and ``probe/chance``."""
     hub: HubConfig = field(default_factory=HubConfig)
     """Push the final model to the Hugging Face Hub (``trainer.hub.push=true trainer.hub.repo_id=NAME``)."""
 
@@ -123,6 +139,8 @@ class TrainerState:
     """Metric sums since the last log line (over processes), so logs after a resume match."""
     rank_positions: list[list[int]] = field(default_factory=list)
     """(epoch, batch_in_epoch) of every process: streamed shards can be consumed unevenly."""
+    best: dict[str, Any] = field(default_factory=dict)
+    """The best evaluation so far by ``best_metric``: ``{"step", "metric", "value", "metrics"}``."""
 
 
 @dataclass
@@ -132,7 +150,14 @@ class FitResult:
     final_metrics: dict[str, float]
     history: list[dict[str, Any]]
     model: nn.Module | None = None
-    """The trained model, unwrapped (also saved in output_dir/model)."""
+    """The model at the last step, unwrapped. The exported output_dir/model is the best evaluated
+    one when a best metric is tracked (see ``best_step``)."""
+    best_step: int | None = None
+    """The step whose model was exported, when a best metric picked it."""
+    best_metric: str = ""
+    """The eval metric that picked it (the objective's headline metric for fine-tuning tasks)."""
+    train_size: int | None = None
+    """Training examples (None for streams)."""
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -307,9 +332,9 @@ class Trainer:
     # ----------------------------------------------------------------------- fit
     def total_steps(self, train_data: Any, batches_per_epoch: int | None = None) -> int:
         """Optimizer steps: max_steps, or epochs x batches (this process's batches of the epoch)."""
-        if self.cfg.max_steps > 0:
-            return self.cfg.max_steps
         if not hasattr(train_data, "__len__"):
+            if self.cfg.max_steps > 0:
+                return self.cfg.max_steps
             raise ConfigError("streaming data has no length: set trainer.max_steps")
         per_epoch = batches_per_epoch if batches_per_epoch is not None else \
             len(train_data) // (self.cfg.batch_size * self.accelerator.num_processes)
@@ -318,6 +343,8 @@ class Trainer:
                 f"the training set ({len(train_data)} samples) is smaller than one batch "
                 f"({self.cfg.batch_size} x {self.accelerator.num_processes} processes); lower trainer.batch_size"
             )
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
         return max(1, int(self.cfg.epochs * per_epoch) // self.cfg.grad_accum_steps)
 
     def _loader(self, objective: Objective, data: Any, train: bool):
@@ -358,6 +385,9 @@ class Trainer:
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
 
         model = objective.model
+        best_name = cfg.best_metric or getattr(objective, "best_metric", "")
+        if best_name and eval_loader is None:
+            best_name = ""  # nothing to compare: the last model is exported
         if cfg.gradient_checkpointing:
             inner = objective.export(model)
             # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
@@ -441,7 +471,7 @@ class Trainer:
 
         with self._signals():
             if state.step == 0 and eval_loader is not None and cfg.eval_every > 0:
-                log(self._evaluate(objective, model, eval_loader, tag="eval"))
+                log(self._evaluate(objective, model, eval_loader, tag="eval")[0])
             while state.step < total:
                 step_start = time.perf_counter()
                 nonfinite_loss = torch.zeros((), device=acc.device)
@@ -494,7 +524,7 @@ class Trainer:
                     sync_counts()
                     done = {u: v - seen_at_window_start.get(u, 0.0) for u, v in state.seen.items()}
                     seen_at_window_start = dict(state.seen)
-                    record = {f"train/{k}": v for k, v in means.items()}
+                    record = {f"train/{k}": v for k, v in means.items() if not k.startswith("_")}  # _name: pooled for eval only
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
                     record.update({
@@ -519,8 +549,9 @@ class Trainer:
 
                 is_last = state.step == total
                 if eval_loader is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
-                    final_metrics = self._evaluate(objective, model, eval_loader, tag="eval")
+                    final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
                     log(final_metrics)
+                    self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, is_last)
                     window_start = time.perf_counter()
                 if (cfg.save_every and state.step % cfg.save_every == 0) or is_last:
                     sync_counts()
@@ -540,11 +571,23 @@ class Trainer:
                 self.print(f"warning: {unit.removeprefix(SKIP_PREFIX).replace('_', ' ')}: {int(total)} skipped during "
                            "training (all workers and processes; the first few are named above)")
         if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
-            final_metrics = self._evaluate(objective, model, eval_loader, tag="eval")
-        self._export(objective, model, state, final_metrics, history)
+            final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
+            self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, True)
+        best_step = None
+        if best_name and state.best:
+            best_step = state.best["step"]
+            if best_step != state.step and not (self.output_dir / MODEL_DIR).is_dir():
+                self.print(f"warning: the best model (step {best_step}) is no longer in {self.output_dir / MODEL_DIR}; "
+                           "exporting the last one instead")
+                best_step = None
+                state.best = {}
+            else:
+                final_metrics = state.best["metrics"]
+        self._export(objective, model, state, final_metrics, history, best_step)
         acc.end_training()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
-                         self._exported(objective, model))
+                         self._exported(objective, model), best_step, best_name,
+                         len(train_data) if hasattr(train_data, "__len__") else None)
 
     def _backward_loss(self, loss: Any) -> torch.Tensor:
         """The loss to differentiate. A ``Mean`` is normalised by its count over all processes
@@ -559,38 +602,94 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
-    def _evaluate(self, objective: Objective, model: nn.Module, loader: Any, tag: str) -> dict[str, Any]:
+    def _evaluate(self, objective: Objective, model: nn.Module, loader: Any, tag: str
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Eval metrics (over all processes) and, when the objective makes them, its predictions
+        (``compute`` may return a ``predictions`` list in eval mode), gathered on the main process."""
         acc = self.accelerator
         model.eval()
         # Evaluate the unwrapped module: processes may get unequal numbers of eval batches, and a
         # DDP forward could otherwise start collectives that the other processes never join.
         inner = acc.unwrap_model(model)
         sums = MetricSums()
+        predictions: list[dict[str, Any]] = []
         for i, batch in enumerate(loader):
             if self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches:
                 break
             with acc.autocast():
                 out = objective.compute(inner, _to_device(batch, acc.device))
+            predictions.extend(out.pop("predictions", None) or [])
             sums.add(out)
         means = objective.summarize(sums.reduce(acc))
         record: dict[str, Any] = {f"{tag}/{k}": v for k, v in means.items()}
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            predictions = gather_object(predictions)
         if self.is_main:
             extras = objective.on_evaluate(self._exported(objective, model))
             record.update({f"{tag}/{k}": v for k, v in extras.items()})
+            inputs = objective.probe_inputs() if self.cfg.probe.task else None
+            if inputs is not None:
+                from multissl.probe import probe_module
+
+                probed = probe_module(self._exported(objective, model), cfg=self.cfg.probe, device=acc.device, **inputs)
+                record.update({f"probe/{k}": v for k, v in probed.items()})
+        if acc.num_processes > 1:  # every process decides about the best model from the same record
+            from accelerate.utils import broadcast_object_list
+
+            record = broadcast_object_list([record])[0]
         model.train()
-        return record
+        return record, predictions
+
+    def _keep_if_best(self, objective: Objective, model: nn.Module, state: TrainerState, record: dict[str, Any],
+                      predictions: list[dict[str, Any]], best_name: str, is_last: bool) -> None:
+        """Remember this evaluation when it is the best so far by ``best_name``: its metrics in the
+        state (so a resume knows), its model in output_dir/model (unless it is the last, which is
+        exported anyway), its predictions in output_dir/predictions.jsonl. Without a best metric, the
+        predictions of the last evaluation are written."""
+        acc = self.accelerator
+        if not best_name:
+            if self.is_main and predictions and is_last:
+                _write_jsonl(self.output_dir / PREDICTIONS_FILE, predictions)
+            return
+        value = record.get(f"eval/{best_name}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            known = sorted(k.split("/", 1)[1] for k, v in record.items() if isinstance(v, (int, float)))
+            raise ConfigError(f"trainer.best_metric={best_name!r} is not an eval metric of {objective.name} "
+                              f"(or is not finite); eval metrics: {', '.join(known)}")
+        lower = lower_is_better(best_name)
+        best = state.best.get("value")
+        if best is not None and not (value < best if lower else value > best):
+            return
+        state.best = {"step": state.step, "metric": best_name, "value": value,
+                      "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
+        if self.is_main:
+            if predictions:
+                _write_jsonl(self.output_dir / PREDICTIONS_FILE, predictions)
+            if not is_last:  # written whole, then swapped in: model/ is never half a model
+                tmp = self.output_dir / f".{MODEL_DIR}.partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                objective.save_pretrained(self._exported(objective, model), tmp)
+                shutil.rmtree(self.output_dir / MODEL_DIR, ignore_errors=True)
+                os.replace(tmp, self.output_dir / MODEL_DIR)
+        acc.wait_for_everyone()
 
     def _exported(self, objective: Objective, model: nn.Module) -> nn.Module:
         unwrapped = self.accelerator.unwrap_model(model)
         return objective.export(getattr(unwrapped, "_orig_mod", unwrapped))
 
-    def _export(self, objective: Objective, model: nn.Module, state: TrainerState,
-                final_metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def _export(self, objective: Objective, model: nn.Module, state: TrainerState, final_metrics: dict[str, Any],
+                history: list[dict[str, Any]], kept_step: int | None = None) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.is_main:
-            out = self.output_dir / "model"
-            objective.save_pretrained(self._exported(objective, model), out)
+            out = self.output_dir / MODEL_DIR
+            if kept_step is not None and kept_step != state.step:  # model/ was written when it was the best
+                self.print(f"exported the model of step {kept_step}, the best by eval/{state.best['metric']} "
+                           f"({state.best['value']:.4g})")
+            else:
+                objective.save_pretrained(self._exported(objective, model), out)
             from multissl.hub import write_model_card
 
             write_model_card(out, objective, state, final_metrics, self.run_config, self.output_dir / "metrics.jsonl")
@@ -612,6 +711,13 @@ class Trainer:
             return
         what = f"commit {result.commit[:10]}" if result.changed else "unchanged, no new commit"
         self.print(f"pushed {self.output_dir / 'model'} to {result.url} (branch {result.revision}, {what})")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Written whole, then renamed into place: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

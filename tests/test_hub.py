@@ -124,7 +124,11 @@ def test_mlm_push_loads_back_with_transformers(server: HubServer, mlm_run: Path)
             "metrics_summary.json"} <= set(pushed)
     assert not [p for p in pushed if p.startswith(("checkpoints", "tensorboard")) or "optimizer" in p or "tfevents" in p]
     assert pushed["model.safetensors"] == (mlm_run / "model" / "model.safetensors").read_bytes()
-    assert pushed["training_config.yaml"] == (mlm_run / "config.yaml").read_bytes()
+    # the config as trained, minus this machine's paths (the run folder's location becomes its name)
+    local_config = (mlm_run / "config.yaml").read_text()
+    assert str(mlm_run.parent) in local_config
+    assert pushed["training_config.yaml"].decode() == local_config.replace(str(mlm_run.resolve()), "run")
+    assert str(mlm_run.parent) not in pushed["README.md"].decode()
     assert pushed["loss_curve.png"].startswith(b"\x89PNG") and "](loss_curve.png)" in pushed["README.md"].decode()
     summary = json.loads(pushed["metrics_summary.json"])
     assert summary["steps"] == 2 and "eval/loss" in summary["final_eval"] and [r["step"] for r in summary["train"]] == [1, 2]
@@ -366,3 +370,24 @@ def test_only_the_final_model_is_pushed(tmp_path: Path) -> None:
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(HubError, match="no final model yet"):
         hub.find_model_folder(tmp_path / "unfinished")
+
+
+def test_files_an_earlier_push_left_are_removed(server: HubServer, mlm_run: Path, tmp_path: Path) -> None:
+    """A weights or config file the new model lacks would be loaded beside it; it is deleted in the
+    same commit. Files the owner added that are not model files stay; --keep-old-files keeps all."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    run = tmp_path / "run"
+    shutil.copytree(mlm_run, run)
+    (run / "model" / "old_vocab.txt").write_text("stale\n")
+    hub.push_to_hub(run, "alice/pruned")
+    HfApi().upload_file(path_or_fileobj=b"hand-written notes", path_in_repo="NOTES.rst", repo_id="alice/pruned")
+    (run / "model" / "old_vocab.txt").unlink()
+    kept = hub.push_to_hub(run, "alice/pruned", exist_ok=True, prune=False)
+    assert kept.deleted == [] and "old_vocab.txt" in server.files("alice/pruned")
+    result = hub.push_to_hub(run, "alice/pruned", exist_ok=True)
+    assert result.deleted == ["old_vocab.txt"] and result.changed
+    files = server.files("alice/pruned")
+    assert "old_vocab.txt" not in files and "NOTES.rst" in files and "model.safetensors" in files

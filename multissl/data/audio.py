@@ -138,8 +138,9 @@ def load_audio(source: str | Path | bytes, target_rate: int, name: str | None = 
 
 
 class AudioCollator:
-    """``(samples, generator) -> {"input_values", "attention_mask", "lengths", "skipped"}``, padded to
-    the longest.
+    """``(samples, generator) -> {"input_values", "attention_mask", "lengths", "skipped", "kept"}``,
+    padded to the longest; ``kept`` are the indices (into ``samples``) of the utterances in the batch,
+    so task collators can keep their labels aligned when a bad file is skipped.
 
     Bad files are skipped with a warning for the first few (per DataLoader worker) and counted twice:
     in ``skipped`` (this copy of the collator) and in the batch's ``skipped`` entry, which travels to
@@ -167,9 +168,10 @@ class AudioCollator:
         # One draw per sample, up front: a crop depends on the batch seed alone, not on which files fail.
         offsets = torch.rand(len(samples), generator=generator, dtype=torch.float64).tolist()
         waves: list[np.ndarray] = []
+        kept: list[int] = []
         first_error: BadAudio | None = None
         skipped = 0
-        for sample, u in zip(samples, offsets):
+        for index, (sample, u) in enumerate(zip(samples, offsets)):
             raw = sample.get("bytes")
             try:
                 x = load_audio(raw if raw else sample["path"], self.sample_rate, name=sample["path"])
@@ -184,6 +186,7 @@ class AudioCollator:
                 start = int(u * (len(x) - self.max_samples + 1))
                 x = x[start : start + self.max_samples]
             waves.append(x)
+            kept.append(index)
         if not waves:
             raise DataError(f"none of the {len(samples)} utterances in a batch could be used, e.g. {first_error}")
         lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
@@ -198,7 +201,7 @@ class AudioCollator:
             var = (((v - mean) * m) ** 2).sum(1, keepdim=True) / lengths[:, None]
             values = ((v - mean) / torch.sqrt(var + 1e-7) * m).float()
         return {"input_values": values, "attention_mask": mask.long(), "lengths": lengths,
-                "skipped": torch.tensor(skipped)}
+                "skipped": torch.tensor(skipped), "kept": torch.tensor(kept, dtype=torch.long)}
 
 
 # ------------------------------------------------------------------------------- batching

@@ -58,3 +58,62 @@ def demo_text_splits(validation_fraction: float = 0.05):
     held = [r for r in rows if is_heldout(r["text"], validation_fraction)]
     as_cols = lambda rs: {"text": [r["text"] for r in rs], "topic": [r["topic"] for r in rs]}  # noqa: E731
     return Dataset.from_dict(as_cols(train)), Dataset.from_dict(as_cols(held))
+
+
+# ------------------------------------------------------------------- the embedded text task
+#: Each help topic's part of the Python documentation: the label of the topic-classification task.
+#: Grouped by the chapter a topic comes from (language reference / library reference), so a label
+#: is a fact about the paragraph's origin, not a judgement.
+TOPIC_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "statements": (
+        "assert", "assignment", "async", "augassign", "break", "class", "compound", "continue", "del", "else",
+        "for", "function", "global", "if", "import", "nonlocal", "pass", "raise", "return", "try", "while",
+        "with", "yield",
+    ),
+    "expressions": (
+        "atom-identifiers", "atom-literals", "attribute-references", "await", "binary", "bitwise", "booleans",
+        "calls", "comparisons", "conversions", "dict", "exprlists", "floating", "identifiers", "imaginary",
+        "in", "integers", "lambda", "lists", "numbers", "operator-summary", "power", "shifting", "slicings", "strings",
+        "subscriptions", "unary",
+    ),
+    "data model": (
+        "attribute-access", "callable-types", "context-managers", "customization", "id-classes",
+        "numeric-types", "objects", "sequence-types", "specialattrs", "specialnames", "types",
+    ),
+    "built-in types": (
+        "bltin-code-objects", "bltin-ellipsis-object", "bltin-null-object", "bltin-type-objects",
+        "formatstrings", "string-methods", "truth", "typesfunctions", "typesmapping", "typesmethods",
+        "typesmodules", "typesseq", "typesseq-mutable",
+    ),
+    "execution and debugging": ("debugger", "dynamic-features", "exceptions", "execmodel", "naming"),
+}
+TOPIC_LABELS = tuple(TOPIC_CATEGORIES)
+#: Paragraphs held out for the topic task's eval split. The text pretraining presets hold out the same
+#: paragraphs (``data.validation_fraction`` 0.1 selects exactly these), so a pretrained model has
+#: never seen the texts it is evaluated on.
+TOPIC_HELDOUT_FRACTION = 0.1
+
+
+def topic_category(topic: str) -> str | None:
+    for category, topics in TOPIC_CATEGORIES.items():
+        if topic in topics:
+            return category
+    return None
+
+
+def demo_topic_splits():
+    """``(train, eval)`` `datasets.Dataset`s of the topic task: ``{"text", "label"}`` rows, label one of
+    `TOPIC_LABELS` (the documentation chapter a paragraph comes from)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    rows = [(r["text"], topic_category(r["topic"])) for r in python_doc_paragraphs()]
+    rows = [(t, c) for t, c in rows if c is not None]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(TOPIC_LABELS))})
+
+    def build(part: list[tuple[str, str]]) -> Dataset:
+        return Dataset.from_dict({"text": [t for t, _ in part], "label": [TOPIC_LABELS.index(c) for _, c in part]},
+                                 features=features)
+
+    held = [r for r in rows if is_heldout(r[0], TOPIC_HELDOUT_FRACTION)]
+    train = [r for r in rows if not is_heldout(r[0], TOPIC_HELDOUT_FRACTION)]
+    return build(train), build(held)

@@ -25,6 +25,8 @@ class Objective:
 
     name: str = "objective"
     model: nn.Module
+    best_metric: str = ""
+    """The eval metric that picks the exported model (fine-tuning tasks); empty = the last model."""
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> Batch:
         """Samples -> batch. ``generator`` is seeded per batch: use it for all randomness."""
@@ -34,7 +36,10 @@ class Objective:
         return self.collate(samples, generator)
 
     def compute(self, model: nn.Module, batch: Batch) -> StepOutput:
-        """Forward a batch through ``model`` (possibly DDP-wrapped); return ``{"loss": ..., **metrics}``."""
+        """Forward a batch through ``model`` (possibly DDP-wrapped); return ``{"loss": ..., **metrics}``.
+
+        In eval mode it may add ``"predictions"``: one JSON-able dict per example, which the trainer
+        gathers and writes to ``predictions.jsonl`` for the exported model."""
         raise NotImplementedError
 
     def count(self, batch: Batch) -> dict[str, float]:
@@ -75,6 +80,11 @@ class Objective:
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         """Write the final (exported) model where its ecosystem loads it from."""
         raise NotImplementedError
+
+    def probe_inputs(self) -> dict[str, Any] | None:
+        """What a frozen-feature probe of this model needs: ``{"modality", "tokenizer" | "preprocess" |
+        "feature_extractor"}``; None when the model has no encoder to probe."""
+        return None
 
     def model_card_info(self) -> dict[str, Any]:
         """Facts for the model card: library, pipeline tag, tags, how to load."""

@@ -246,6 +246,9 @@ class ClipPretraining(Objective):
                 "zero_shot_top5": float((top == target[:, None]).any(1).float().mean()),
                 "zero_shot_chance": 1.0 / len(classnames)}
 
+    def probe_inputs(self) -> dict[str, Any]:
+        return {"modality": "image", "preprocess": self.eval_transform}
+
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         """open_clip's Hub layout: config with the preprocessing, and weights as safetensors (loadable
         with ``create_model_and_transforms("local-dir:<dir>")`` or ``(name, pretrained=<file>)``)."""

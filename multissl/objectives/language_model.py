@@ -116,6 +116,9 @@ class LanguageModelObjective(Objective):
         model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
 
+    def probe_inputs(self) -> dict[str, Any]:
+        return {"modality": "text", "tokenizer": self.tokenizer}
+
     def model_card_info(self) -> dict[str, Any]:
         return {
             "library_name": "transformers",

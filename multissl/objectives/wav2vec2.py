@@ -326,6 +326,9 @@ class Wav2Vec2Pretraining(Objective):
         )
         extractor.save_pretrained(output_dir)
 
+    def probe_inputs(self) -> dict[str, Any]:
+        return {"modality": "audio", "feature_extractor": self.feature_extractor}
+
     def model_card_info(self) -> dict[str, Any]:
         return {
             "library_name": "transformers", "pipeline_tag": "feature-extraction", "method": "wav2vec2",
