@@ -25,12 +25,7 @@ finished build. What differs:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
 import random
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +44,7 @@ from multissl.data.speech_demo import (
     _synthesize,
     _to_pcm16,
     _wav_bytes,
+    finish_wav_corpus,
 )
 
 CORPUS_VERSION = 1
@@ -57,10 +53,6 @@ KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go
 CLIP_SECONDS = 1.0
 FADE_S = 0.005  # raised-cosine ramp at each end of the word
 MIN_PEAK = 0.05  # a word whose |peak| stays below this share of full scale counts as silent
-
-
-def _root() -> Path:
-    return Path(os.environ.get("MULTISSL_CACHE") or Path.home() / ".cache" / "multissl").expanduser()
 
 
 def _choices(seed: int, speaker: str, word: str, r: int) -> dict[str, Any]:
@@ -164,31 +156,7 @@ def build_keyword_corpus(
                         "speaker": speaker, "rate": c["rate"], "pitch": c["pitch"],
                     })
 
-    keep = {Path(r["path"]).name for r in rows}
-    for stale in wav_dir.glob("*.wav"):  # left by an earlier build with other speakers or repeats
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
-    manifest = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    _atomic_write(manifest_path, manifest)
-    record = {"params": params, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
-    _atomic_write(out / "corpus.json", (json.dumps(record, indent=2) + "\n").encode())
-    return manifest_path
-
-
-def _install(built: Path, final: Path, params: dict[str, object]) -> None:
-    """Rename a finished build into place; a stale folder is moved aside first, and a concurrent
-    builder that got there first wins (as `multissl.data.shapes_demo` does)."""
-    if final.exists():
-        if _is_built(final, params):
-            return
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
-        os.replace(final, old)  # onto an empty folder: allowed, and atomic
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(built, final)
-    except OSError:
-        if not _is_built(final, params):
-            raise
+    return finish_wav_corpus(out, rows, params)
 
 
 def default_keyword_corpus() -> Path:
@@ -197,17 +165,9 @@ def default_keyword_corpus() -> Path:
     The folder is ``$MULTISSL_CACHE/keyword-demo-v1`` or ``~/.cache/multissl/keyword-demo-v1``; it is
     built in a temporary sibling and renamed into place, so readers never see half a corpus.
     """
-    root = _root()
-    final = root / f"keyword-demo-v{CORPUS_VERSION}"
+    from multissl.data.files import build_once, cache_root
+
+    final = cache_root() / f"keyword-demo-v{CORPUS_VERSION}"
     params = _params(1, 0, 16000, SPEAKERS)
-    if not _is_built(final, params):
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.build."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not a secret
-        try:
-            build_keyword_corpus(tmp)
-            _install(tmp, final, params)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(tmp)
+    build_once(final, lambda folder: _is_built(folder, params), build_keyword_corpus)
     return final / "manifest.jsonl"

@@ -15,13 +15,9 @@ one), and the same ``(n, seed)`` gives byte-identical files (for one Pillow/zlib
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import random
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -203,39 +199,15 @@ def _is_built(folder: Path, params: dict[str, int]) -> bool:
     return stored.get("params") == params and (folder / "metadata.jsonl").is_file()
 
 
-def _install(built: Path, final: Path, params: dict[str, int]) -> None:
-    """Rename a finished build into place; a stale folder is moved aside first, and a concurrent
-    builder that got there first wins."""
-    if final.exists():
-        if _is_built(final, params):
-            return
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
-        os.replace(final, old)  # onto an empty folder: allowed, and atomic
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(built, final)
-    except OSError:
-        if not _is_built(final, params):
-            raise
-
-
 def default_shapes_corpus() -> Path:
     """Build (once) the default 3000-image corpus in the cache and return its metadata path.
 
     The folder is ``$MULTISSL_CACHE/shapes-demo-v1`` or ``~/.cache/multissl/shapes-demo-v1``; it is
     built in a temporary sibling and renamed into place, so readers never see half a corpus.
     """
-    root = Path(os.environ.get("MULTISSL_CACHE") or Path.home() / ".cache" / "multissl").expanduser()
-    final = root / f"shapes-demo-v{CORPUS_VERSION}"
+    from multissl.data.files import build_once, cache_root
+
+    final = cache_root() / f"shapes-demo-v{CORPUS_VERSION}"
     params = _params(DEFAULT_SIZE, 0)
-    if not _is_built(final, params):
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.build."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not a secret
-        try:
-            build_shapes_corpus(tmp, DEFAULT_SIZE, 0)
-            _install(tmp, final, params)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(tmp)
+    build_once(final, lambda folder: _is_built(folder, params), lambda tmp: build_shapes_corpus(tmp, DEFAULT_SIZE, 0))
     return final / "metadata.jsonl"

@@ -378,15 +378,22 @@ def build_speech_corpus(
                 "speaker": speaker, "rate": rate, "pitch": pitch,
             })
 
-    keep = {Path(r["path"]).name for r in rows}
-    for stale in wav_dir.glob("*.wav"):  # left by an earlier, larger build
+    return finish_wav_corpus(out, rows, params)
+
+
+def finish_wav_corpus(out: Path, rows: list[dict[str, object]], params: dict[str, object]) -> Path:
+    """Remove WAVs an earlier build left (other sizes, speakers or repeats), then write the manifest
+    and ``corpus.json``, which vouches for it (parameters + the manifest's hash); last, so an
+    interrupted build is never taken for a finished one."""
+    keep = {Path(str(r["path"])).name for r in rows}
+    for stale in (out / "wavs").glob("*.wav"):
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     manifest = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    _atomic_write(manifest_path, manifest)
+    _atomic_write(out / "manifest.jsonl", manifest)
     record = {"params": params, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
     _atomic_write(out / "corpus.json", (json.dumps(record, indent=2) + "\n").encode())
-    return manifest_path
+    return out / "manifest.jsonl"
 
 
 def default_speech_corpus() -> Path:
@@ -394,5 +401,6 @@ def default_speech_corpus() -> Path:
 
     The cache folder is ``$MULTISSL_CACHE/speech-demo-v1``, or ``~/.cache/multissl/speech-demo-v1``.
     """
-    root = Path(os.environ.get("MULTISSL_CACHE") or Path.home() / ".cache" / "multissl")
-    return build_speech_corpus(root.expanduser() / f"speech-demo-v{CORPUS_VERSION}")
+    from multissl.data.files import cache_root
+
+    return build_speech_corpus(cache_root() / f"speech-demo-v{CORPUS_VERSION}")
