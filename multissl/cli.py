@@ -57,29 +57,28 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
     return 0
 
 
+def _recipe_module(name: str, modules: dict[str, str], what: str) -> Any:
+    """``recipes.<module>`` for ``name``, or an error naming the closest known name."""
+    if name not in modules:
+        import difflib
+
+        close = difflib.get_close_matches(name, modules, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MultiSSLError(f"unknown {what} {name!r}{hint}; available: {', '.join(modules)}")
+    return importlib.import_module(f"recipes.{modules[name]}")
+
+
 def load_recipe(name: str) -> Any:
     from recipes import RECIPES
 
-    if name not in RECIPES:
-        import difflib
-
-        close = difflib.get_close_matches(name, RECIPES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MultiSSLError(f"unknown recipe {name!r}{hint}; available: {', '.join(RECIPES)}")
-    return importlib.import_module(f"recipes.{name}")
+    return _recipe_module(name, {r: r for r in RECIPES}, "recipe")
 
 
 def load_task(name: str) -> Any:
     """The recipe module of a fine-tuning task."""
     from recipes import FINETUNE_TASKS
 
-    if name not in FINETUNE_TASKS:
-        import difflib
-
-        close = difflib.get_close_matches(name, FINETUNE_TASKS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MultiSSLError(f"unknown fine-tuning task {name!r}{hint}; available: {', '.join(FINETUNE_TASKS)}")
-    return importlib.import_module(f"recipes.{FINETUNE_TASKS[name]}")
+    return _recipe_module(name, FINETUNE_TASKS, "fine-tuning task")
 
 
 # recipe -> (its accuracy metric, the unit its speed is reported in)

@@ -362,15 +362,18 @@ def _contents(model_dir: Path, run_dir: Path | None, repo_id: str, token: str) -
     return out
 
 
-STALE_SUFFIXES = MODEL_FILE_SUFFIXES + (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-"""Files of these kinds left in the repo by an earlier push are removed when the model no longer has
-them (a stale weights file or tokenizer config would be loaded alongside the new ones); other files
-in the repo (.gitattributes, what the owner added by hand) are left alone."""
+STALE_FILES = re.compile(
+    r"(^|/)([^/]+\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)|[^/]+\.safetensors\.index\.json"
+    r"|(generation_|preprocessor_|tokenizer_|open_clip_)?config\.json|tokenizer\.json|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(txt|json)|merges\.txt|[^/]*sentencepiece[^/]*\.model|spiece\.model"
+    r"|chat_template\.jinja|loss_curve\.png|training_config\.yaml|metrics_summary\.json)$")
+"""Model artefacts (weights, configs, vocabularies, what multissl adds): one left in the repo by an
+earlier push is removed when the new model lacks it, since loaders would pick it up beside the new
+files. Anything else in the repo (.gitattributes, notes the owner added) is left alone."""
 
 
 def _stale(repo_files: list[str], contents: dict[str, Any]) -> list[str]:
-    return sorted(f for f in repo_files if f not in contents and Path(f).suffix in STALE_SUFFIXES
-                  and not f.startswith(".") and f != "README.md")
+    return sorted(f for f in repo_files if f not in contents and STALE_FILES.search(f))
 
 
 def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revision: str = "", commit_message: str = "",

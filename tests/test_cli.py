@@ -133,3 +133,8 @@ def test_demo_runs_every_recipe_and_prints_the_table(tmp_path: Path) -> None:
         row = next(line.split() for line in table.splitlines() if line.split()[:1] == [name])
         assert all(float(v) > 0 for v in row[1:3]), row  # eval losses before and after
     assert "audio-seconds/s" in table
+    # the lift reports: one text and one speech task, both arms at 10% and 100% of the labels
+    for task in ("text-classification", "audio-classification"):
+        assert f"SSL lift on {task}" in table
+        report = json.loads((tmp_path / f"lift-{task}" / "lift.json").read_text())
+        assert len(report["runs"]) == 4 and (tmp_path / f"lift-{task}" / "lift.png").is_file()

@@ -9,22 +9,29 @@ import yaml
 
 from multissl import config
 from multissl.errors import ConfigError
-from recipes import RECIPES
+from recipes import FINETUNE_TASKS, RECIPES
 from recipes.clip import ClipConfig
 from recipes.clm import CLMConfig
+from recipes.finetune_audio_classification import AudioClassificationConfig
+from recipes.finetune_speech_recognition import SpeechRecognitionConfig
+from recipes.finetune_text_classification import TextClassificationConfig
 from recipes.mlm import MLMConfig
 from recipes.wav2vec2 import Wav2Vec2Config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig}
+SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig,
+           "finetune_text_classification": TextClassificationConfig,
+           "finetune_speech_recognition": SpeechRecognitionConfig,
+           "finetune_audio_classification": AudioClassificationConfig}
+ALL_RECIPES = (*RECIPES, *FINETUNE_TASKS.values())
 
 
 def shipped_configs() -> list[tuple[str, Path]]:
-    return [(name, p) for name in RECIPES for p in sorted((ROOT / "recipes" / "configs" / name).glob("*.yaml"))]
+    return [(name, p) for name in ALL_RECIPES for p in sorted((ROOT / "recipes" / "configs" / name).glob("*.yaml"))]
 
 
 def test_every_recipe_ships_configs() -> None:
-    assert {name for name, _ in shipped_configs()} == set(RECIPES)
+    assert {name for name, _ in shipped_configs()} == set(ALL_RECIPES) == set(SCHEMAS)
 
 
 @pytest.mark.parametrize(("recipe", "path"), shipped_configs(), ids=lambda x: getattr(x, "name", x))

@@ -381,13 +381,41 @@ def test_files_an_earlier_push_left_are_removed(server: HubServer, mlm_run: Path
 
     run = tmp_path / "run"
     shutil.copytree(mlm_run, run)
-    (run / "model" / "old_vocab.txt").write_text("stale\n")
+    (run / "model" / "vocab.txt").write_text("[PAD]\n")  # e.g. a tokenizer file of an earlier format
     hub.push_to_hub(run, "alice/pruned")
-    HfApi().upload_file(path_or_fileobj=b"hand-written notes", path_in_repo="NOTES.rst", repo_id="alice/pruned")
-    (run / "model" / "old_vocab.txt").unlink()
+    for name, data in {"notes.txt": b"hand-written notes", "pytorch_model.bin": b"old weights"}.items():
+        HfApi().upload_file(path_or_fileobj=data, path_in_repo=name, repo_id="alice/pruned")
+    (run / "model" / "vocab.txt").unlink()
     kept = hub.push_to_hub(run, "alice/pruned", exist_ok=True, prune=False)
-    assert kept.deleted == [] and "old_vocab.txt" in server.files("alice/pruned")
+    assert kept.deleted == [] and "vocab.txt" in server.files("alice/pruned")
     result = hub.push_to_hub(run, "alice/pruned", exist_ok=True)
-    assert result.deleted == ["old_vocab.txt"] and result.changed
+    assert result.deleted == ["pytorch_model.bin", "vocab.txt"] and result.changed
     files = server.files("alice/pruned")
-    assert "old_vocab.txt" not in files and "NOTES.rst" in files and "model.safetensors" in files
+    assert "notes.txt" in files and "model.safetensors" in files and "vocab.txt" not in files
+
+
+def test_a_fine_tune_of_a_hub_model_names_its_base_and_loads_in_a_pipeline(server: HubServer, mlm_run: Path,
+                                                                            tmp_path: Path) -> None:
+    """Pretrain -> push -> fine-tune from the Hub id -> push: the card's base_model is that id, and
+    the pushed classifier runs in transformers' pipeline from the Hub with the local predictions."""
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    from recipes import finetune_text_classification
+
+    hub.push_to_hub(mlm_run, "alice/tiny-bert")
+    out = tmp_path / "topics"
+    finetune_text_classification.main([
+        f"trainer.output_dir={out}", "trainer.max_steps=3", "trainer.batch_size=8", "trainer.progress_bar=false",
+        "trainer.trackers=[]", "trainer.eval_max_batches=2", "data.max_seq_len=32", "model.init_from=alice/tiny-bert"])
+    hub.push_to_hub(out, "alice/tiny-bert-topics")
+    card = ModelCard.load("alice/tiny-bert-topics")
+    assert card.data.base_model == "alice/tiny-bert" and card.data.pipeline_tag == "text-classification"
+    assert "fine-tuned" in card.data.tags and "from the pretrained model `alice/tiny-bert`" in card.text
+    assert {r.metric_type for r in card.data.eval_results} >= {"accuracy", "macro_f1"}
+    classify = pipeline("text-classification", model="alice/tiny-bert-topics", device="cpu")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][:4]
+    for row in rows:
+        got = classify(row["text"], truncation=True, max_length=32)[0]
+        assert got["label"] == row["prediction"] and got["score"] == pytest.approx(row["score"], abs=1e-3)
+    exec(usage_snippet(card.text), {})  # the pushed card's snippet runs against the Hub

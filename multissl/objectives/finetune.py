@@ -44,6 +44,7 @@ def load_for_finetuning(auto_class: Any, init_from: str, random_init: bool, expe
     try:
         if random_init:
             return auto_class.from_config(config), source
-        return auto_class.from_pretrained(source, config=config), source
+        # a head of another size (other labels or vocabulary) is made anew, as the config now says
+        return auto_class.from_pretrained(source, config=config, ignore_mismatched_sizes=True), source
     except Exception as err:
         raise ConfigError(f"model.init_from={init_from!r}: cannot build {auto_class.__name__} ({first_line(err)})") from None
