@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from multissl.metrics import read_jsonl
 
@@ -31,12 +32,7 @@ def loss_curve(metrics_path: Path, out: Path) -> Path | None:
             ax.plot(steps, values, style, label=label, markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out)
 
 
 def lift_plot(points: dict[str, list[tuple[float, float, float]]], metric: str, title: str, out: Path) -> Path:
@@ -58,6 +54,13 @@ def lift_plot(points: dict[str, list[tuple[float, float, float]]], metric: str, 
     ax.set_xlabel("share of the training labels used")
     ax.set_ylabel(f"held-out {metric}")
     ax.set_title(title)
+    return _finish(fig, ax, out)
+
+
+def _finish(fig: Any, ax: Any, out: Path) -> Path:
+    """Grid, legend, tight layout, written as PNG; the figure is closed (pyplot keeps every open one)."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 from multissl.data.audio import AudioDataConfig, AudioDataset, prepare_audio
-from multissl.data.labels import is_missing, stratified_subset
+from multissl.data.labels import is_missing, stratified_subset, warn_skipped
 from multissl.errors import ConfigError, DataError
 
-NAMED_IN_WARNINGS = 3
+NAMED_IN_WARNINGS = 3  # bad rows named in a warning (the rest are counted)
 
 
 @dataclass
@@ -40,9 +40,7 @@ def _usable(ds: AudioDataset, column: str, where: str) -> list[int]:
     values = ds.data[column]
     keep = [i for i, v in enumerate(values) if not is_missing(v)]
     dropped = [ds.data["path"][i] for i, v in enumerate(values) if is_missing(v)]
-    if dropped:
-        print(f"warning: {where}: skipped {len(dropped)} utterance(s) with an empty {column!r}: "
-              f"{', '.join(dropped[:NAMED_IN_WARNINGS])}{' ...' if len(dropped) > NAMED_IN_WARNINGS else ''}", flush=True)
+    warn_skipped(where, f"{len(dropped)} utterance(s) with an empty {column!r}", dropped)
     if not keep:
         raise DataError(f"{where}: no utterance has a {column!r}")
     return keep

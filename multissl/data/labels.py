@@ -98,3 +98,10 @@ def stratified_subset(labels: Sequence[int], fraction: float, seed: int) -> list
         rows = rows[rng.permutation(len(rows))]
         keep.extend(rows[: max(1, math.ceil(fraction * len(rows)))].tolist())
     return sorted(keep)
+
+
+def warn_skipped(where: str, what: str, named: list[str], shown: int = 3) -> None:
+    """One warning for rows dropped as unusable, naming the first few."""
+    if named:
+        more = " ..." if len(named) > shown else ""
+        print(f"warning: {where}: skipped {what}: {'; '.join(named[:shown])}{more}", flush=True)

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from multissl.data.files import expand_files
-from multissl.data.labels import LabelMap, infer_label_map, is_missing, stratified_subset
+from multissl.data.labels import LabelMap, infer_label_map, is_missing, stratified_subset, warn_skipped
 from multissl.errors import ConfigError, DataError, first_line
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-NAMED_IN_WARNINGS = 3
 
 
 @dataclass
@@ -135,9 +134,7 @@ def _rows(ds: Any, cfg: TextClassificationDataConfig, labels: LabelMap, where: s
         if pairs is not None:
             row["text_pair"] = pair
         rows.append(row)
-    if skipped:
-        print(f"warning: {where}: skipped {len(skipped)} of {len(values)} rows: "
-              f"{'; '.join(skipped[:NAMED_IN_WARNINGS])}{' ...' if len(skipped) > NAMED_IN_WARNINGS else ''}", flush=True)
+    warn_skipped(where, f"{len(skipped)} of {len(values)} rows", skipped)
     if not rows:
         raise DataError(f"{where}: no usable rows (every row has an empty text or no label)")
     return rows
