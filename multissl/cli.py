@@ -7,7 +7,7 @@ interrupted run exits with 130 after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import os
 import sys
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from multissl.errors import MultiSSLError, TrainingInterrupted
+from multissl.probe import TASKS, ProbeConfig, probe_output
 
 
 def quiet_libraries() -> None:
@@ -57,120 +58,6 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
     return 0
 
 
-def _recipe_module(name: str, modules: dict[str, str], what: str) -> Any:
-    """``recipes.<module>`` for ``name``, or an error naming the closest known name."""
-    if name not in modules:
-        import difflib
-
-        close = difflib.get_close_matches(name, modules, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MultiSSLError(f"unknown {what} {name!r}{hint}; available: {', '.join(modules)}")
-    return importlib.import_module(f"recipes.{modules[name]}")
-
-
-def load_recipe(name: str) -> Any:
-    from recipes import RECIPES
-
-    return _recipe_module(name, {r: r for r in RECIPES}, "recipe")
-
-
-def load_task(name: str) -> Any:
-    """The recipe module of a fine-tuning task."""
-    from recipes import FINETUNE_TASKS
-
-    return _recipe_module(name, FINETUNE_TASKS, "fine-tuning task")
-
-
-# recipe -> (its accuracy metric, the unit its speed is reported in)
-DEMO_RECIPES: dict[str, tuple[str, str]] = {
-    "mlm": ("masked_accuracy", "tokens"),
-    "clm": ("next_token_accuracy", "tokens"),
-    "wav2vec2": ("contrastive_accuracy", "audio_seconds"),
-    "clip": ("zero_shot_top1", "samples"),
-}
-DEMO_DATA = {"mlm": "text corpus", "clm": "text corpus", "wav2vec2": "speech corpus", "clip": "shapes images"}
-
-
-# pretraining recipe -> the fine-tuning task its demo lift report runs
-DEMO_LIFT = {"mlm": "text-classification", "wav2vec2": "audio-classification"}
-DEMO_LIFT_FRACTIONS = [0.1, 1.0]
-
-
-def demo(output_dir: str, steps: int | None, recipes: list[str] | None = None, lift: bool = True) -> list[dict[str, Any]]:
-    """Run the tiny presets on the embedded data, print what they achieved, then what pretraining
-    bought on one text and one speech task (the lift reports)."""
-    results = demo_pretraining(output_dir, steps, recipes)
-    if lift:
-        from multissl.lift import print_table, run_lift
-
-        reports = []
-        for name in recipes or list(DEMO_RECIPES):
-            if name in DEMO_LIFT:
-                out = Path(output_dir) / f"lift-{DEMO_LIFT[name]}"
-                args = [f"trainer.max_steps={steps}"] if steps else []
-                reports.append((run_lift(DEMO_LIFT[name], str(Path(output_dir) / name), out, DEMO_LIFT_FRACTIONS, [0], args),
-                                out))
-        print_results(results)
-        for report, out in reports:
-            print_table(report)
-            print(f"  report: {out / 'lift.md'}, plot: {out / 'lift.png'}")
-    else:
-        print_results(results)
-    return results
-
-
-def demo_pretraining(output_dir: str, steps: int | None, recipes: list[str] | None = None) -> list[dict[str, Any]]:
-    results = []
-    for name in recipes or list(DEMO_RECIPES):
-        accuracy, unit = DEMO_RECIPES[name]
-        recipe = load_recipe(name)
-        args = [f"trainer.output_dir={Path(output_dir) / name}"]
-        if steps:
-            args.append(f"trainer.max_steps={steps}")
-        print(f"\n== {name}: tiny preset on the embedded {DEMO_DATA[name]} ==", flush=True)
-        result = recipe.main(args)
-        history = result.history
-        speeds = sorted(r[f"throughput/{unit}_per_s"] for r in history if f"throughput/{unit}_per_s" in r)
-        first_eval = next((r for r in history if "eval/loss" in r), {})
-        final = result.final_metrics
-        results.append({
-            "recipe": name,
-            "eval loss before": first_eval.get("eval/contrastive_loss", first_eval.get("eval/loss")),
-            "eval loss after": final.get("contrastive_loss", final.get("loss")),
-            "accuracy before": first_eval.get(f"eval/{accuracy}"),
-            "accuracy after": final.get(accuracy),
-            "speed": f"{speeds[len(speeds) // 2]:,.0f} {unit.replace('_', '-')}/s" if speeds else None,
-            "output": str(Path(output_dir) / name / "model"),
-            "samples": final.get("samples"),
-            "perplexity": final.get("perplexity", final.get("codevector_perplexity")),
-            "retrieval": final.get("image_to_text_R@1"),
-            "retrieval_chance": final.get("retrieval_chance"),
-        })
-    return results
-
-
-def print_results(results: list[dict[str, Any]]) -> None:
-    cols = ["recipe", "eval loss before", "eval loss after", "accuracy before", "accuracy after", "perplexity", "speed"]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1000 else (f"{v:.0f}" if isinstance(v, float) else ("-" if v is None else str(v)))  # noqa: E731
-    table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print("\nResults on the held-out split (before = at initialisation). Accuracy: masked token (mlm), next token "
-          "(clm),\npositive frame ranked first among distractors (wav2vec2), zero-shot top-1 over 36 classes (clip). "
-          "Perplexity: of the\ntokens (mlm, clm), of the codebook use (wav2vec2: high = healthy, ~2 = collapsed).")
-    for i, row in enumerate(table):
-        print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
-        if i == 0:
-            print("  " + "  ".join("-" * w for w in widths))
-    for r in results:
-        loader = "open_clip's create_model_and_transforms('local-dir:...')" if r["recipe"] == "clip" else (
-            "transformers' from_pretrained")
-        print(f"  {r['recipe']} model: {r['output']}  (loads with {loader})")
-        if r.get("retrieval") is not None:
-            print(f"    held-out image->text R@1 {r['retrieval']:.3f} (chance {r['retrieval_chance']:.4f})")
-        for s in r.get("samples") or []:
-            print(f"    sample: {s!r}")
-
-
 def push(ns: argparse.Namespace) -> int:
     from multissl.hub import push_to_hub
 
@@ -183,6 +70,83 @@ def push(ns: argparse.Namespace) -> int:
             print(f"removed files an earlier push left that this model no longer has: {', '.join(result.deleted)}")
     else:
         print(f"{result.url} (branch {result.revision}) already holds these files: nothing uploaded, no new commit")
+    return 0
+
+
+def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``multissl probe OUTPUT_DIR [options]`` to an argparse sub-parser set (see `run_probe_command`)."""
+    d = ProbeConfig()
+    p = subparsers.add_parser(
+        "probe", help="linear and kNN probes of a trained model's frozen features",
+        description="Freeze a trained model, mean-pool one feature vector per example, fit a linear and a kNN "
+        "classifier on the training examples and report their accuracy on held-out ones, beside chance.")
+    p.add_argument("output_dir", help="a run's output_dir (with model/), or a model folder")
+    p.add_argument("--task", choices=TASKS, default="",
+                   help="default: the model's embedded task (text-topics, keywords or shapes), or files with --files")
+    p.add_argument("--files", nargs="+", default=[], help="labelled .csv/.tsv/.jsonl/.parquet files (task files)")
+    p.add_argument("--eval-files", nargs="+", default=[], help="eval examples (default: hold out 20%% of --files)")
+    p.add_argument("--text-column", default=d.text_column)
+    p.add_argument("--label-column", default=d.label_column)
+    p.add_argument("--path-column", default=d.path_column, help="audio/image manifests: the file path column")
+    for name in ("max_train", "max_eval", "batch_size", "knn_k", "linear_epochs", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--linear-weight-decay", type=float, default=d.linear_weight_decay)
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="audio: cut longer files to this")
+    p.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON to FILE")
+    return p
+
+
+def _config_from_args(ns: argparse.Namespace) -> ProbeConfig:
+    task = ns.task or ("files" if ns.files else "")
+    return ProbeConfig(
+        task=task, files=list(ns.files), eval_files=list(ns.eval_files), text_column=ns.text_column,
+        label_column=ns.label_column, path_column=ns.path_column, max_train=ns.max_train, max_eval=ns.max_eval,
+        batch_size=ns.batch_size, knn_k=ns.knn_k, linear_epochs=ns.linear_epochs,
+        linear_weight_decay=ns.linear_weight_decay, max_seconds=ns.max_seconds, seed=ns.seed)
+
+
+def format_probe_table(result: dict[str, Any], cfg: ProbeConfig) -> str:
+    """The results as a short two-column table."""
+    k = min(cfg.knn_k, result["train_examples"])
+    rows = [
+        ("model", f"{result['model']} ({result['modality']})"),
+        ("task", result["task"]),
+        ("examples", f"{result['train_examples']} train / {result['eval_examples']} eval"),
+        ("classes", str(result["classes"])),
+        ("linear accuracy", f"{result['linear_acc']:.3f}"),
+        (f"kNN accuracy (k={k})", f"{result['knn_acc']:.3f}"),
+        ("chance", f"{result['chance']:.3f} (majority class)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
+
+
+def run_probe_command(ns: argparse.Namespace) -> int:
+    """``multissl probe``: print the results table (and write JSON when asked); returns 0. Input errors
+    are raised as `multissl.errors.MultiSSLError` for the CLI to print as one line."""
+    cfg = _config_from_args(ns)
+    result = probe_output(ns.output_dir, cfg, device=ns.device or None)
+    print(f"frozen-feature probe of {result['model']}")
+    print(format_probe_table(result, cfg), flush=True)
+    if ns.json:
+        from multissl.config import to_dict
+
+        out = Path(ns.json).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2) + "\n")
+    return 0
+
+
+def list_recipes() -> int:
+    """``multissl recipes``: every installed recipe and task, with its shipped configs and package."""
+    from multissl.registry import available
+
+    for kind in ("pretrain", "finetune"):
+        for name, recipe in available(kind).items():
+            configs = ", ".join(recipe.configs()) or "no shipped configs"
+            origin = "" if recipe.source == "multissl" else f"  (from {recipe.source})"
+            print(f"{kind} {name}: {configs}{origin}")
     return 0
 
 
@@ -217,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="shares of the training labels, comma-separated (default 0.1,1)")
     lift.add_argument("--seeds", type=_number_list(int), default=[0], help="comma-separated (default 0)")
     lift.add_argument("--output-dir", default=None, help="default: outputs/lift-TASK")
-    from multissl.probe import add_probe_parser
-
     add_probe_parser(sub)
+    from multissl.demo import DEMO_RECIPES
+
     d = sub.add_parser("demo", help="tiny runs of each recipe on the embedded data, then a results table")
     d.add_argument("--output-dir", default="outputs/demo")
     d.add_argument("--steps", type=int, default=None, help="override each preset's max_steps")
@@ -250,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         quiet_libraries()
     try:
-        if ns.command == "pretrain":
-            recipe = load_recipe(ns.recipe)
-            return run_recipe(recipe.main, ns.args)
-        if ns.command == "finetune":
-            return run_recipe(load_task(ns.task).main, ns.args)
+        if ns.command in ("pretrain", "finetune"):
+            from multissl.registry import find
+
+            return run_recipe(find(ns.command, ns.recipe if ns.command == "pretrain" else ns.task).main, ns.args)
         if ns.command == "lift":
             from multissl.lift import print_table, run_lift
 
@@ -264,24 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nreport: {Path(out) / 'lift.md'} (plot: {Path(out) / 'lift.png'})")
             return 0
         if ns.command == "probe":
-            from multissl.probe import run_probe_command
-
             return run_probe_command(ns)
         if ns.command == "demo":
+            from multissl.demo import demo
+
             demo(ns.output_dir, ns.steps, ns.recipes, lift=not ns.no_lift)
             return 0
         if ns.command == "push":
             return push(ns)
-        from recipes import FINETUNE_TASKS, RECIPES
-
-        root = Path(importlib.import_module("recipes").__file__).parent / "configs"
-        for name in RECIPES:
-            configs = sorted(p.name for p in (root / name).glob("*.yaml"))
-            print(f"pretrain {name}: {', '.join(configs)}")
-        for task, module in FINETUNE_TASKS.items():
-            configs = sorted(p.name for p in (root / module).glob("*.yaml"))
-            print(f"finetune {task}: {', '.join(configs)}")
-        return 0
+        return list_recipes()
     except TrainingInterrupted as err:
         print(f"multissl: {err}", file=sys.stderr)
         return 130

@@ -231,11 +231,25 @@ def _set_dotted(tree: dict[str, Any], cls: type, path: list[str], value: Any) ->
         tree[head] = value
 
 
+MOVED_SECTIONS = {"trainer.hub": "hub", "trainer.probe": "probe"}
+"""Sections that moved (old prefix -> new): named in the error instead of a bare unknown key."""
+
+
+def _check_moved(key: str, where: str = "") -> None:
+    for old, new in MOVED_SECTIONS.items():
+        if key == old or key.startswith(old + "."):
+            raise ConfigError(f"config key {key!r}{where} moved to {new + key[len(old):]!r}")
+
+
 def build(cls: type[T], file: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Resolve ``cls`` defaults <- ``file`` <- ``overrides`` into a validated instance."""
     tree: dict[str, Any] = read_yaml(file) if file else {}
+    for section, value in tree.items():
+        for name in value if isinstance(value, dict) else ():
+            _check_moved(f"{section}.{name}", f" in {file}")
     for item in overrides or []:
         path, value = parse_override(item)
+        _check_moved(".".join(path))
         patch: dict[str, Any] = {}
         _set_dotted(patch, cls, path, value)
         tree = _merge(tree, patch)
@@ -249,7 +263,8 @@ def save(cfg: Any, path: str | Path) -> None:
 def load(cls: type[T], argv: list[str] | None, default_config: str | Path | None = None) -> T:
     """Parse recipe arguments: ``[--config FILE] [key=value ...]``.
 
-    With no ``--config`` the recipe's ``default_config`` (its tiny preset) is used.
+    With no ``--config`` the recipe's ``default_config`` (its tiny preset) is used; ``--config NAME``
+    takes a config shipped beside it (``small``, ``base``).
     """
     import sys
 
@@ -272,4 +287,17 @@ def load(cls: type[T], argv: list[str] | None, default_config: str | Path | None
         else:
             overrides.append(arg)
         i += 1
-    return build(cls, file, overrides)
+    return build(cls, shipped_config(file, default_config), overrides)
+
+
+def shipped_config(file: str | Path | None, default_config: str | Path | None) -> str | Path | None:
+    """``--config small`` (or ``small.yaml``) names a config shipped beside the recipe's default
+    preset, wherever the package is installed; anything that exists as a path is taken as it is."""
+    if file is None or default_config is None or Path(file).exists() or len(Path(file).parts) != 1:
+        return file
+    name = str(file) if str(file).endswith((".yaml", ".yml")) else f"{file}.yaml"
+    candidate = Path(default_config).parent / name
+    if candidate.is_file():
+        return candidate
+    shipped = sorted(p.stem for p in Path(default_config).parent.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {file} (shipped configs: {', '.join(shipped)})")

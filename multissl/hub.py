@@ -1,4 +1,4 @@
-"""Model cards for every exported model, and pushing a model with its card to the Hugging Face Hub.
+"""Pushing a model with its card to the Hugging Face Hub.
 
 A push uploads the final model folder only (weights, config, tokenizer or feature extractor or
 open_clip config, the card) plus the run's resolved config and a metrics summary: never
@@ -11,7 +11,6 @@ respected. Failures become one-line ``HubError``s with the token scrubbed; trans
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from collections.abc import Callable
@@ -19,201 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from multissl import config as config_lib
+from multissl.card import retarget_card
 from multissl.errors import ConfigError, HubError
+from multissl.run_folder import find_model_folder
 
 T = TypeVar("T")
-
-LOSS_CURVE = "loss_curve.png"  # drawn next to the card, shown in it, pushed with it
-METHOD_TAGS = {"mlm": "masked-language-modeling", "clm": "causal-language-modeling"}
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _data_source(data: dict[str, Any]) -> str:
-    """What the model was trained on, as the config names it."""
-    named = data.get("dataset") or ", ".join(data.get("files") or []) or data.get("manifest") or data.get("csv")
-    return str(named) if named else "embedded demo corpus"
-
-
-def _hub_dataset_id(data: dict[str, Any]) -> str | None:
-    """``data.dataset`` when it names a Hub dataset rather than a local folder."""
-    named = data.get("dataset") or ""
-    return named if named and not Path(named).expanduser().exists() and "://" not in named else None
-
-
-def _eval_results(info: dict[str, Any], metrics: dict[str, Any], dataset: str) -> list[Any]:
-    """The model-index entries: the method's headline held-out metrics (``info["card_metrics"]``)."""
-    from huggingface_hub import EvalResult
-
-    task = info.get("pipeline_tag") or "feature-extraction"
-    return [
-        EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
-                   metric_type=metric, metric_name=metric, metric_value=round(float(metrics[metric]), 4))
-        for metric in info.get("card_metrics", ()) if isinstance(metrics.get(metric), (int, float))
-    ]
-
-
-def write_model_card(model_dir: Path, objective: Any, state: Any, final_metrics: dict[str, Any],
-                     run_config: Any, metrics_path: Path) -> Path:
-    """Write ``README.md`` (YAML metadata + what was trained how + how to load) into ``model_dir``."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    info = objective.model_card_info()
-    method = info.get("method", objective.name)
-    numeric = {k.split("/", 1)[-1]: v for k, v in final_metrics.items() if isinstance(v, (int, float))}
-    cfg = config_lib.to_dict(run_config) if run_config is not None else {}
-    name = model_dir.parent.name or "multissl model"
-    source = _data_source(cfg.get("data", {}))
-    hub_id = _hub_dataset_id(cfg.get("data", {}))
-    fine_tuned = bool(info.get("fine_tuned"))
-    base_model = info.get("base_model") or ""
-    data = ModelCardData(
-        library_name=info.get("library_name"),
-        pipeline_tag=info.get("pipeline_tag") or None,
-        tags=["multissl", "fine-tuned" if fine_tuned else "self-supervised", METHOD_TAGS.get(method, method)],
-        base_model=base_model if _is_hub_id(base_model) else None,
-        license=cfg.get("trainer", {}).get("hub", {}).get("license") or None,
-        datasets=[hub_id] if hub_id else None,
-        model_name=name,
-        eval_results=_eval_results(info, numeric, hub_id or source) or None,
-    )
-    rows = [
-        ("method", method),
-        ("architecture", f"{info.get('arch', '?')} ({info.get('size', '?')})"),
-        ("parameters", f"{info.get('parameters', 0) / 1e6:.2f}M"),
-        ("optimizer steps", state.step),
-        ("samples seen", state.samples_seen),
-        *([("tokens seen", state.tokens_seen)] if state.tokens_seen else []),
-        *([("audio seen", f"{state.seen['audio_seconds'] / 3600:.2f} h")] if state.seen.get("audio_seconds") else []),
-        *[(f"{u.removeprefix('skipped_').replace('_', ' ')} skipped (bad input)", int(v))
-          for u, v in state.seen.items() if u.startswith("skipped_") and v],
-        ("training time", f"{state.train_seconds / 60:.1f} min"),
-        ("hardware", _hardware()),
-        ("data", source),
-    ]
-    # a local card loads from this folder; a push rewrites the snippet for the repo (retarget_card)
-    usage = render_usage(info.get("usage", ""), model_dir)
-    from multissl.plots import loss_curve
-
-    curve = loss_curve(metrics_path, model_dir / LOSS_CURVE)
-    lines = [
-        f"# {name}",
-        "",
-        _summary_line(info, method),
-        "",
-        "## Training",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in rows],
-        "",
-        "## Evaluation (held-out split, end of training)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(numeric.items())],
-        "",
-        *(["## Loss curve", "", f"![Training and held-out loss against optimizer steps]({LOSS_CURVE})", ""] if curve else []),
-        "## How to use",
-        "",
-        _usage_marker(model_dir),
-        "```python",
-        usage,
-        "```",
-        "",
-        *([f"Or load the weights directly: `transformers.{info.get('auto_class', 'AutoModel')}.from_pretrained(...)`.", ""]
-          if info.get("library_name") == "transformers" else []),
-        "## Training configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=1),
-        "```",
-        "",
-        "## Limitations",
-        "",
-        *(["A model fine-tuned on one labelled set: expect it to do well only on texts or audio like that set's,",
-           "and check its held-out scores above before relying on it."] if fine_tuned else
-          ["A small model trained briefly on a small corpus: it shows the recipe works, not that it is useful for",
-           "downstream tasks without further pretraining on more data."]),
-        "",
-    ]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    path = model_dir / "README.md"
-    card.save(path)
-    return path
-
-
-def _is_hub_id(ref: str) -> bool:
-    """``name`` or ``namespace/name`` that is not a local path: what the card's base_model may hold."""
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref or "")) and not Path(ref).expanduser().exists()
-
-
-def _summary_line(info: dict[str, Any], method: str) -> str:
-    arch = info.get("arch", "")
-    if not info.get("fine_tuned"):
-        return f"A {arch} model pretrained from scratch with multissl's `{method}` recipe."
-    base = info.get("base_model")
-    start = f"the pretrained model `{base}`" if base else "random weights (no pretraining)"
-    return f"A {arch} model fine-tuned for {info.get('pipeline_tag', method)} with multissl's `{method}` task, from {start}."
-
-
-def _hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.machine()})"
-
-
-# ------------------------------------------------------------------------------------- usage snippet
-_USAGE_MARK = re.compile(r"<!-- multissl:usage (\{.*?\}) -->")
-
-
-def render_usage(template: str, ref: str | Path) -> str:
-    """A card's loading code for the model at ``ref``: a local folder (a ``Path``) or a Hub repo id (a ``str``).
-
-    ``{repo}`` becomes what ``from_pretrained`` takes (the folder or the repo id) and ``{open_clip_ref}``
-    what open_clip's ``create_model_and_transforms`` takes (``local-dir:<folder>`` or ``hf-hub:<repo id>``).
-    """
-    open_clip_ref = f"local-dir:{ref}" if isinstance(ref, Path) else f"hf-hub:{ref}"
-    return template.replace("{open_clip_ref}", open_clip_ref).replace("{repo}", str(ref))
-
-
-def _usage_marker(ref: str | Path) -> str:
-    """An HTML comment (invisible on the Hub) recording where the card's snippet loads from."""
-    return f"<!-- multissl:usage {json.dumps({'ref': str(ref), 'local': isinstance(ref, Path)})} -->"
-
-
-def retarget_card(text: str, ref: str | Path) -> str:
-    """``text`` (a card written by ``write_model_card``) with its loading snippet rewritten for ``ref``.
-
-    Only the quoted references in the snippet change, so edits made to the snippet by hand survive.
-    A card without multissl's marker is returned unchanged.
-    """
-    mark = _USAGE_MARK.search(text)
-    if mark is None:
-        return text
-    old = json.loads(mark.group(1))
-    old_ref: str | Path = Path(old["ref"]) if old.get("local") else str(old["ref"])
-    start = text.find("```python\n", mark.end())
-    body_start = start + len("```python\n")
-    end = text.find("\n```", body_start - 1) if start >= 0 else -1
-    if end < 0:
-        return text
-    code = text[body_start:end]
-    # back to the template (references are always quoted in the snippets), then forward to the new ref
-    template = code.replace(f'"{render_usage("{open_clip_ref}", old_ref)}"', '"{open_clip_ref}"')
-    template = template.replace(f'"{old_ref}"', '"{repo}"')
-    return text[: mark.start()] + _usage_marker(ref) + text[mark.end() : body_start] + render_usage(template, ref) + text[end:]
-
 
 # -------------------------------------------------------------------------------------------- config
 @dataclass
 class HubConfig:
-    """Pushing the final model to the Hugging Face Hub at the end of training (``trainer.hub.*``).
+    """Pushing the final model to the Hugging Face Hub at the end of training (``hub.*``, run by `multissl.callbacks.HubPushCallback`).
 
     A failed push is a warning, never a failed run: the model stays in ``output_dir/model`` and
     ``multissl push`` uploads it later. The token is never part of the config: it comes from
@@ -234,9 +48,9 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         if self.push and not self.repo_id.strip():
-            raise ConfigError("trainer.hub.repo_id is required with trainer.hub.push=true (e.g. trainer.hub.repo_id=your-name/model)")
+            raise ConfigError("hub.repo_id is required with hub.push=true (e.g. hub.repo_id=your-name/model)")
         if self.repo_id and (self.repo_id.count("/") > 1 or any(c.isspace() for c in self.repo_id)):
-            raise ConfigError(f"trainer.hub.repo_id: expected NAME or NAMESPACE/NAME, got {self.repo_id!r}")
+            raise ConfigError(f"hub.repo_id: expected NAME or NAMESPACE/NAME, got {self.repo_id!r}")
 
 
 # ------------------------------------------------------------------------------------ what is pushed
@@ -247,28 +61,6 @@ _NEVER_PUSHED = re.compile(
     r"|(^|/)(optimizer|scheduler|rng_state|random_states|trainer_state|training_args)[^/]*$"
     r"|events\.out\.tfevents"
 )
-MODEL_MARKERS = ("config.json", "open_clip_config.json")
-
-
-def find_model_folder(path: str | Path) -> tuple[Path, Path | None]:
-    """``(model folder, run folder or None)`` for a run's output_dir or a model folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise HubError(f"no such folder: {path}")
-    if (path / "model").is_dir():
-        model_dir, run_dir = path / "model", path
-    else:
-        model_dir = path
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
-    if not any((model_dir / name).is_file() for name in MODEL_MARKERS) and not any(model_dir.glob("*.safetensors")):
-        if (path / "checkpoints").is_dir():
-            raise HubError(f"{path} has checkpoints but no final model yet (model/): finish the run first; "
-                           "checkpoints are never pushed")
-        raise HubError(f"no model in {model_dir}: expected a run's output_dir (with model/) or a model folder "
-                       f"(with {' or '.join(MODEL_MARKERS)})")
-    return model_dir, run_dir
-
-
 def model_files(model_dir: Path) -> list[Path]:
     """The files of ``model_dir`` a push uploads (sorted, relative to ``model_dir``)."""
     found = []
@@ -385,7 +177,8 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revisi
     ``prune``, model files that an earlier push left and this model lacks are deleted in the same
     commit. Raises ``HubError`` with a one-line reason.
     """
-    model_dir, run_dir = find_model_folder(path)
+    found = find_model_folder(path, HubError)
+    model_dir, run_dir = found.model_dir, found.run_dir
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 
     token = token or get_token()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multissl.errors import ConfigError
-from multissl.trainer import lower_is_better
+from multissl.registry import find
 
 ARMS = {"pretrained": "false", "from scratch": "true"}  # arm -> model.random_init
 
@@ -36,10 +36,8 @@ class LiftReport:
     pretrained: str
     metric: str
     runs: list[LiftRun] = field(default_factory=list)
-
-    @property
-    def lower_is_better(self) -> bool:
-        return lower_is_better(self.metric)
+    lower_is_better: bool = False
+    """As the task's objective says of its headline metric."""
 
     def fractions(self) -> list[float]:
         return sorted({r.fraction for r in self.runs})
@@ -124,13 +122,11 @@ def run_lift(task: str, pretrained: str, output_dir: str | Path, fractions: list
              args: list[str] | None = None) -> LiftReport:
     """Fine-tune ``task`` for every (fraction, seed, arm); each run has its own folder under
     ``output_dir/runs``, so an interrupted report resumes where it stopped."""
-    from multissl.cli import load_task
-
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"label fractions must be in (0, 1], got {fractions}")
     if not seeds:
         raise ConfigError("give at least one seed")
-    recipe = load_task(task)
+    main = find("finetune", task).main
     out = Path(output_dir)
     report = LiftReport(task, pretrained, "")
     for fraction in sorted(fractions):
@@ -138,10 +134,10 @@ def run_lift(task: str, pretrained: str, output_dir: str | Path, fractions: list
             for arm, random_init in ARMS.items():
                 run_dir = out / "runs" / f"{arm.replace(' ', '-')}_labels{fraction:g}_seed{seed}"
                 print(f"\n== {task}: {arm}, {fraction:.0%} of the labels, seed {seed} ==", flush=True)
-                result = recipe.main([*(args or []), f"model.init_from={pretrained}", f"model.random_init={random_init}",
+                result = main([*(args or []), f"model.init_from={pretrained}", f"model.random_init={random_init}",
                                       f"data.label_fraction={fraction}", f"data.subset_seed={seed}",
                                       f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", "trainer.eval_every=0"])
-                report.metric = result.best_metric
+                report.metric, report.lower_is_better = result.best_metric, result.lower_is_better
                 report.runs.append(LiftRun(arm, fraction, seed, result.final_metrics[result.best_metric],
                                            result.train_size, str(run_dir)))
     write_report(report, out)

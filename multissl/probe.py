@@ -14,13 +14,13 @@ spoken command words, whole speakers held out; ``shapes``: 36 coloured shapes) o
 (``files``). Nothing here consumes torch's global random state, so a probe during pretraining does
 not change the training run it observes.
 
-Entry points: `probe_module` (the trainer's eval hook, on the in-memory model), `probe_output`
-(a saved run or model folder), `add_probe_parser` + `run_probe_command` (``multissl probe``).
+Entry points: `probe_encoder` (any features function: an objective's during training, through
+`multissl.callbacks.ProbeCallback`), `probe_output` (a saved run or model folder; ``multissl probe``).
+Features come from `multissl.models` (in-memory objectives and saved folders alike).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import json
@@ -31,21 +31,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from multissl.data.labels import is_missing
 from multissl.errors import ConfigError, DataError, first_line
+from multissl.training.objective import Modality
 
 if TYPE_CHECKING:  # torch and numpy load inside the functions: building the CLI's parser stays instant
     import numpy as np
     import torch
     from torch import nn
 
-Modality = Literal["text", "audio", "image"]
 TASKS = ("text-topics", "keywords", "shapes", "files")
 TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio", "shapes": "image"}
 DEFAULT_TASK: dict[str, str] = {modality: task for task, modality in TASK_MODALITY.items()}
 KNN_TEMPERATURE = 0.07  # DINO's weighted-kNN temperature
 HELDOUT_FRACTION = 0.2  # eval share when a task has no eval split of its own
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-AUDIO_MODEL_TYPES = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
-OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 _CACHE_SIZE = 4
 
 
@@ -186,170 +184,6 @@ def probe_features(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.T
         "knn_acc": knn_probe(train_x, train_y, eval_x, eval_y, num_classes, k=cfg.knn_k),
         "chance": float(counts.max()) / len(eval_y),
     }
-
-
-# ------------------------------------------------------------------------------- features
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user-facing model inside training wrappers: DDP's ``module``, torch.compile's ``_orig_mod``,
-    and the MLM recipe's ``MaskedPositionsOnly`` (``mlm``)."""
-    from torch import nn
-
-    for attr in ("module", "_orig_mod", "mlm"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
-
-
-def _encoder(model: nn.Module) -> nn.Module:
-    """A transformers model's encoder without task head (``*ForMaskedLM`` -> ``BertModel``,
-    ``Wav2Vec2ForPreTraining`` -> ``Wav2Vec2Model``); an encoder is its own ``base_model``."""
-    model = _unwrap(model)
-    return getattr(model, "base_model", model)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    import torch
-
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _batches_by_length(lengths: Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
-    """Index batches of similar lengths (longest first): little padding, and with a group-norm audio
-    encoder (which is fed no mask) a feature barely depends on its batch-mates."""
-    import numpy as np
-
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(hidden.dtype).unsqueeze(-1)
-    return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float().cpu()
-
-
-def _in_order(parts: list[tuple[np.ndarray, torch.Tensor]], n: int) -> torch.Tensor:
-    """Reassemble per-batch features (computed in length order) in the examples' order."""
-    import torch
-
-    if not parts:
-        return torch.zeros(0, 0)
-    out = torch.zeros(n, parts[0][1].shape[1])
-    for idx, feats in parts:
-        out[torch.from_numpy(idx)] = feats
-    return out
-
-
-def _position_limit(config: Any) -> int | None:
-    """How many tokens the model's position table holds (RoBERTa-style tables start after the pad id)."""
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
-    return limit
-
-
-def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int,
-                  device: torch.device | str | None = None, max_length: int = 128) -> torch.Tensor:
-    """``(len(texts), hidden)``: the mean over non-pad tokens of the encoder's last hidden state.
-
-    Padding is done here (right side, attention mask), so tokenizers without a pad token (GPT-2
-    style) work unchanged; texts are cut to what both the tokenizer and the position table allow.
-    """
-    import torch
-
-    encoder = _encoder(model)
-    device = torch.device(device) if device is not None else _device_of(encoder)
-    limits = [max_length, getattr(tokenizer, "model_max_length", None), _position_limit(encoder.config)]
-    length = min(v for v in limits if isinstance(v, int) and v > 0)
-    ids = tokenizer(list(texts), truncation=True, max_length=length)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    parts = []
-    with torch.no_grad():
-        for idx in _batches_by_length([len(x) for x in ids], batch_size):
-            longest = max(len(ids[i]) for i in idx)
-            batch = torch.full((len(idx), longest), pad, dtype=torch.long)
-            mask = torch.zeros(len(idx), longest, dtype=torch.long)
-            for row, i in enumerate(idx):
-                batch[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            hidden = encoder(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
-            parts.append((idx, _masked_mean(hidden, mask.to(device))))
-    return _in_order(parts, len(ids))
-
-
-def _waveform(source: np.ndarray | str | Path, sample_rate: int, normalize: bool, max_samples: int) -> np.ndarray:
-    """Decoded (when a path), cut to ``max_samples``, and normalised to zero mean / unit variance
-    as the pretraining collator and Wav2Vec2FeatureExtractor do."""
-    import numpy as np
-
-    from multissl.data.audio import load_audio
-
-    x = source if isinstance(source, np.ndarray) else load_audio(source, sample_rate)
-    x = np.asarray(x, dtype=np.float64)[:max_samples]
-    if normalize:
-        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-    return x.astype(np.float32)
-
-
-def audio_features(model: nn.Module, waveforms: Sequence[np.ndarray | str | Path], batch_size: int,
-                   device: torch.device | str | None = None, *, sample_rate: int = 16000, normalize: bool = True,
-                   max_seconds: float = 10.0, attention_mask: bool | None = None) -> torch.Tensor:
-    """``(len(waveforms), hidden)``: the mean over valid frames of a wav2vec2-style encoder's last
-    hidden state; ``waveforms`` are arrays at ``sample_rate`` or audio file paths.
-
-    ``attention_mask=None`` follows transformers' advice: a mask for layer-norm feature encoders,
-    zero padding without a mask for group-norm ones (BASE). Valid frames come from the model's own
-    ``_get_feat_extract_output_lengths``.
-    """
-    import torch
-
-    encoder = _encoder(model)
-    device = torch.device(device) if device is not None else _device_of(encoder)
-    dtype = next((p.dtype for p in encoder.parameters()), torch.float32)
-    use_mask = encoder.config.feat_extract_norm == "layer" if attention_mask is None else attention_mask
-    waves = [_waveform(w, sample_rate, normalize, int(max_seconds * sample_rate)) for w in waveforms]
-    parts = []
-    with torch.no_grad():
-        for idx in _batches_by_length([len(w) for w in waves], batch_size):
-            lengths = torch.tensor([len(waves[i]) for i in idx])
-            values = torch.zeros(len(idx), int(lengths.max()))
-            for row, i in enumerate(idx):
-                values[row, : len(waves[i])] = torch.from_numpy(waves[i])
-            mask = (torch.arange(values.shape[1])[None, :] < lengths[:, None]).long().to(device)
-            hidden = encoder(values.to(device, dtype), attention_mask=mask if use_mask else None).last_hidden_state
-            frames = encoder._get_feat_extract_output_lengths(lengths).to(device)
-            valid = torch.arange(hidden.shape[1], device=device)[None, :] < frames[:, None]
-            parts.append((idx, _masked_mean(hidden, valid)))
-    return _in_order(parts, len(waves))
-
-
-def image_features(model: nn.Module, preprocess: Callable[[Any], torch.Tensor], images: Sequence[Any],
-                   batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``(len(images), embed_dim)``: open_clip's ``encode_image`` (unnormalised) of PIL images or image
-    paths, after the model's own eval transform."""
-    import torch
-    from PIL import Image
-
-    model = _unwrap(model)
-    device = torch.device(device) if device is not None else _device_of(model)
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-
-    def load(item: Any) -> torch.Tensor:
-        if isinstance(item, (str, Path)):
-            try:
-                with Image.open(item) as img:
-                    item = img.convert("RGB")
-            except OSError as err:
-                raise DataError(f"{item}: cannot read image ({first_line(err)})") from None
-        return preprocess(item.convert("RGB"))
-
-    feats = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([load(x) for x in images[start : start + batch_size]])
-            feats.append(model.encode_image(batch.to(device, dtype)).float().cpu())
-    return torch.cat(feats) if feats else torch.zeros(0, 0)
 
 
 # ------------------------------------------------------------------------------- data
@@ -591,119 +425,21 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _featurize(model: nn.Module, modality: Modality, cfg: ProbeConfig, device: torch.device, tokenizer: Any,
-               preprocess: Any, feature_extractor: Any) -> Callable[[Sequence[Any]], torch.Tensor]:
-    """The modality's feature function, with what it needs bound."""
-    if modality == "text":
-        if tokenizer is None:
-            raise ConfigError("a text probe needs the model's tokenizer")
-        return lambda xs: text_features(model, tokenizer, xs, cfg.batch_size, device)
-    if modality == "audio":
-        fe = feature_extractor
-        kwargs = {"sample_rate": getattr(fe, "sampling_rate", 16000), "normalize": getattr(fe, "do_normalize", True),
-                  "attention_mask": getattr(fe, "return_attention_mask", None), "max_seconds": cfg.max_seconds}
-        return lambda xs: audio_features(model, xs, cfg.batch_size, device, **kwargs)
-    if modality == "image":
-        if preprocess is None:
-            raise ConfigError("an image probe needs the model's eval transform (preprocess)")
-        return lambda xs: image_features(model, preprocess, xs, cfg.batch_size, device)
-    raise ConfigError(f"unknown probe modality {modality!r}; use text, audio or image")
+def probe_encoder(model: nn.Module, modality: Modality, features: Callable[[Sequence[Any]], torch.Tensor],
+                  cfg: ProbeConfig) -> tuple[dict[str, float], ProbeData]:
+    """``{"linear_acc", "knn_acc", "chance"}`` of ``features`` (inputs -> one vector each, from the
+    frozen ``model``) on ``cfg.task`` ("" = the modality's embedded task), with the data it used.
 
-
-def _probe(model: nn.Module, modality: Modality, cfg: ProbeConfig, *, tokenizer: Any = None, preprocess: Any = None,
-           feature_extractor: Any = None, device: torch.device | str | None = None) -> tuple[dict[str, float], ProbeData]:
+    The model's train/eval flags are restored and its weights, gradients and torch's random state
+    are left untouched. Runs locally (no collectives): call it on the main process only."""
     import torch
 
     data = load_probe_data(cfg, modality)
-    device = torch.device(device) if device is not None else _device_of(model)
-    featurize = _featurize(model, modality, cfg, device, tokenizer, preprocess, feature_extractor)
     with _frozen(model):
-        train_x, eval_x = featurize(data.train), featurize(data.eval)
+        train_x, eval_x = features(data.train), features(data.eval)
     metrics = probe_features(train_x, torch.tensor(data.train_labels), eval_x, torch.tensor(data.eval_labels),
                              len(data.classnames), cfg)
     return metrics, data
-
-
-def probe_module(model: nn.Module, modality: Modality, cfg: ProbeConfig, *, tokenizer: Any = None,
-                 preprocess: Any = None, feature_extractor: Any = None,
-                 device: torch.device | str | None = None) -> dict[str, float]:
-    """``{"linear_acc", "knn_acc", "chance"}`` of the in-memory ``model`` on ``cfg.task``; ``{}`` when the
-    task is "" (off), so the trainer can call it unconditionally at each evaluation.
-
-    ``model`` may be a ``*ForMaskedLM``/``*LMHeadModel`` (+ ``tokenizer``), a ``Wav2Vec2ForPreTraining``
-    (``feature_extractor`` optional: its sampling rate, normalisation and mask use; default 16 kHz,
-    normalised, mask iff layer-norm encoder) or an open_clip model (+ ``preprocess``, its eval
-    transform), possibly inside DDP/compile wrappers. Its train/eval flags are restored and its
-    weights, gradients and torch's random state are left untouched. Runs locally (no collectives):
-    call it on the main process only.
-    """
-    if not cfg.task:
-        return {}
-    return _probe(model, modality, cfg, tokenizer=tokenizer, preprocess=preprocess,
-                  feature_extractor=feature_extractor, device=device)[0]
-
-
-@dataclass
-class SavedModel:
-    """A saved model with what its probe needs."""
-
-    modality: Modality
-    folder: Path
-    model: nn.Module
-    tokenizer: Any = None
-    preprocess: Any = None
-    feature_extractor: Any = None
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model folder of a run's output_dir (its ``model/``) or of a model folder itself."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"no such run or model folder: {path}")
-    if not path.is_dir():
-        raise ConfigError(f"{path} is a file; give a run's output_dir (with model/) or a model folder")
-    folder = path / "model" if (path / "model").is_dir() else path
-    if not (folder / "config.json").is_file() and not all((folder / f).is_file() for f in OPEN_CLIP_FILES):
-        raise ConfigError(f"no model in {folder}: expected a run's output_dir (with model/) or a model folder "
-                          f"(with config.json, or {' + '.join(OPEN_CLIP_FILES)})")
-    return folder
-
-
-def load_saved_model(path: str | Path) -> SavedModel:
-    """Load the folder's model as its ecosystem does: open_clip ``local-dir:``, a wav2vec2-style
-    ``AutoModel`` + feature extractor, or a transformers text ``AutoModel`` + tokenizer."""
-    folder = find_model_dir(path)
-    try:
-        if all((folder / f).is_file() for f in OPEN_CLIP_FILES):
-            import open_clip
-
-            from multissl.objectives.clip import _quiet_root_logger
-
-            with _quiet_root_logger():
-                model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-            return SavedModel("image", folder, model, preprocess=preprocess)
-        config = json.loads((folder / "config.json").read_text())
-        from transformers import AutoModel
-
-        if config.get("model_type") in AUDIO_MODEL_TYPES:
-            from transformers import AutoFeatureExtractor
-
-            extractor = (AutoFeatureExtractor.from_pretrained(folder)
-                         if (folder / "preprocessor_config.json").is_file() else None)
-            return SavedModel("audio", folder, AutoModel.from_pretrained(folder), feature_extractor=extractor)
-        model = AutoModel.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{folder}: cannot load the model ({first_line(err)})") from None
-    return SavedModel("text", folder, model, tokenizer=_load_tokenizer(folder))
-
-
-def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{folder}: a text model needs its tokenizer saved beside it ({first_line(err)})") from None
 
 
 def probe_output(output_dir: str | Path, cfg: ProbeConfig, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -713,82 +449,16 @@ def probe_output(output_dir: str | Path, cfg: ProbeConfig, device: torch.device 
     ``linear_acc``, ``knn_acc``, ``chance``."""
     import torch
 
+    from multissl.models.saved import load_saved_encoder
+
     try:
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError as err:
         raise ConfigError(f"device {device!r}: {first_line(err)}") from None
-    saved = load_saved_model(output_dir)
+    saved = load_saved_encoder(output_dir)
     saved.model.to(device)
-    metrics, data = _probe(saved.model, saved.modality, cfg, tokenizer=saved.tokenizer, preprocess=saved.preprocess,
-                           feature_extractor=saved.feature_extractor, device=device)
+    metrics, data = probe_encoder(saved.model, saved.modality,
+                                  lambda xs: saved.features(xs, cfg.batch_size, device), cfg)
     return {"task": data.task, "modality": saved.modality, "model": str(saved.folder),
             "train_examples": len(data.train), "eval_examples": len(data.eval), "classes": len(data.classnames),
             **metrics}
-
-
-# ------------------------------------------------------------------------------- command line
-def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``multissl probe OUTPUT_DIR [options]`` to an argparse sub-parser set; it dispatches to
-    `run_probe_command` (also set as the parser's ``func`` default)."""
-    d = ProbeConfig()
-    p = subparsers.add_parser(
-        "probe", help="linear and kNN probes of a trained model's frozen features",
-        description="Freeze a trained model, mean-pool one feature vector per example, fit a linear and a kNN "
-        "classifier on the training examples and report their accuracy on held-out ones, beside chance.")
-    p.add_argument("output_dir", help="a run's output_dir (with model/), or a model folder")
-    p.add_argument("--task", choices=TASKS, default="",
-                   help="default: the model's embedded task (text-topics, keywords or shapes), or files with --files")
-    p.add_argument("--files", nargs="+", default=[], help="labelled .csv/.tsv/.jsonl/.parquet files (task files)")
-    p.add_argument("--eval-files", nargs="+", default=[], help="eval examples (default: hold out 20%% of --files)")
-    p.add_argument("--text-column", default=d.text_column)
-    p.add_argument("--label-column", default=d.label_column)
-    p.add_argument("--path-column", default=d.path_column, help="audio/image manifests: the file path column")
-    for name in ("max_train", "max_eval", "batch_size", "knn_k", "linear_epochs", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    p.add_argument("--linear-weight-decay", type=float, default=d.linear_weight_decay)
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="audio: cut longer files to this")
-    p.add_argument("--device", default="", help="default: cuda when available, else cpu")
-    p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON to FILE")
-    p.set_defaults(func=run_probe_command)
-    return p
-
-
-def _config_from_args(ns: argparse.Namespace) -> ProbeConfig:
-    task = ns.task or ("files" if ns.files else "")
-    return ProbeConfig(
-        task=task, files=list(ns.files), eval_files=list(ns.eval_files), text_column=ns.text_column,
-        label_column=ns.label_column, path_column=ns.path_column, max_train=ns.max_train, max_eval=ns.max_eval,
-        batch_size=ns.batch_size, knn_k=ns.knn_k, linear_epochs=ns.linear_epochs,
-        linear_weight_decay=ns.linear_weight_decay, max_seconds=ns.max_seconds, seed=ns.seed)
-
-
-def format_probe_table(result: dict[str, Any], cfg: ProbeConfig) -> str:
-    """The results as a short two-column table."""
-    k = min(cfg.knn_k, result["train_examples"])
-    rows = [
-        ("model", f"{result['model']} ({result['modality']})"),
-        ("task", result["task"]),
-        ("examples", f"{result['train_examples']} train / {result['eval_examples']} eval"),
-        ("classes", str(result["classes"])),
-        ("linear accuracy", f"{result['linear_acc']:.3f}"),
-        (f"kNN accuracy (k={k})", f"{result['knn_acc']:.3f}"),
-        ("chance", f"{result['chance']:.3f} (majority class)"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
-
-
-def run_probe_command(ns: argparse.Namespace) -> int:
-    """``multissl probe``: print the results table (and write JSON when asked); returns 0. Input errors
-    are raised as `multissl.errors.MultiSSLError` for the CLI to print as one line."""
-    cfg = _config_from_args(ns)
-    result = probe_output(ns.output_dir, cfg, device=ns.device or None)
-    print(f"frozen-feature probe of {result['model']}")
-    print(format_probe_table(result, cfg), flush=True)
-    if ns.json:
-        from multissl.config import to_dict
-
-        out = Path(ns.json).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2) + "\n")
-    return 0

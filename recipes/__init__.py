@@ -1,9 +1,5 @@
-"""Runnable recipes: ``python recipes/NAME.py``, ``multissl pretrain NAME`` or ``multissl finetune TASK``."""
+"""multissl's recipes: one short script per method or task (``python recipes/NAME.py``,
+``multissl pretrain NAME``, ``multissl finetune TASK``) and ``configs/<recipe>/<size>.yaml``.
 
-RECIPES = ("mlm", "clm", "wav2vec2", "clip")
-#: fine-tuning task -> its recipe module
-FINETUNE_TASKS = {
-    "text-classification": "finetune_text_classification",
-    "speech-recognition": "finetune_speech_recognition",
-    "audio-classification": "finetune_audio_classification",
-}
+Installed as ``multissl_recipes`` (never a top-level ``recipes``) and found through the entry points
+in pyproject.toml; the library never imports this package."""

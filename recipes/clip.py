@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from multissl import config
+from multissl.callbacks import recipe_trainer
 from multissl.data.image_text import ImageTextCollator, ImageTextDataConfig, prepare_image_text
+from multissl.hub import HubConfig
 from multissl.objectives.clip import ClipEvalConfig, ClipLossConfig, ClipModelConfig, ClipPretraining
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "clip" / "tiny.yaml"
 
@@ -27,11 +31,13 @@ class ClipConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         output_dir="outputs/clip", lr=5e-4, adam_betas=(0.9, 0.98), adam_eps=1e-6, weight_decay=0.2,
         lr_schedule="cosine", warmup_ratio=0.05, batch_size=256))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(ClipConfig, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         train, held_out = prepare_image_text(cfg.data, cfg.trainer.seed)
 

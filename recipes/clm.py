@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multissl import config
+from multissl.callbacks import recipe_trainer
 from multissl.data.text import TextDataConfig, prepare_text
+from multissl.hub import HubConfig
 from multissl.objectives.clm import CausalLM
 from multissl.objectives.language_model import TextModelConfig
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "clm" / "tiny.yaml"
 
@@ -31,11 +35,13 @@ class CLMConfig:
     data: TextDataConfig = field(default_factory=TextDataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="outputs/clm"))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(CLMConfig, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     data = prepare_text(cfg.data, "clm", cfg.trainer.output_dir, cfg.trainer.seed, trainer)
     objective = CausalLM(cfg.model, data.tokenizer, cfg.data.max_seq_len,
                          cfg.sampling.prompts, cfg.sampling.max_new_tokens)

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multissl import config
+from multissl.callbacks import recipe_trainer
 from multissl.data.audio_tasks import LabelledAudioDataConfig
 from multissl.data.keyword_demo import default_keyword_corpus
+from multissl.hub import HubConfig
 from multissl.objectives.audio_classification import (
     AudioClassification,
     AudioClassifierModelConfig,
@@ -19,7 +21,9 @@ from multissl.objectives.audio_classification import (
     feature_extractor_for,
     label_splits,
 )
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_audio_classification" / "tiny.yaml"
 
@@ -33,11 +37,13 @@ class AudioClassificationConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         output_dir="outputs/audio-classification", lr=1e-4, warmup_ratio=0.1, lr_schedule="linear",
         epochs=10))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(AudioClassificationConfig, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         train, held_out, labels, source = label_splits(cfg.data, default_keyword_corpus)
     trainer.print(f"{source}: {len(train)} training and {len(held_out)} eval clips, "

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multissl import config
+from multissl.callbacks import recipe_trainer
 from multissl.data.audio_tasks import prepare_labelled_audio
 from multissl.data.speech_demo import default_speech_corpus
+from multissl.hub import HubConfig
 from multissl.objectives.ctc import (
     CTCModelConfig,
     SpeechRecognition,
@@ -21,7 +23,9 @@ from multissl.objectives.ctc import (
     make_processor,
     prepare_transcripts,
 )
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_speech_recognition" / "tiny.yaml"
 
@@ -32,11 +36,13 @@ class SpeechRecognitionConfig:
     data: SpeechRecognitionDataConfig = field(default_factory=SpeechRecognitionDataConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         output_dir="outputs/speech-recognition", lr=1e-4, warmup_ratio=0.1, lr_schedule="linear", epochs=30))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(SpeechRecognitionConfig, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         train, held_out, source = prepare_labelled_audio(cfg.data, "transcript", default_speech_corpus)
         train, held_out, vocab = prepare_transcripts(train, held_out, cfg.data, source)

@@ -11,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from multissl import config
+from multissl.callbacks import recipe_trainer
 from multissl.data.text_classification import TextClassificationDataConfig, load_labelled_text, tokenize_rows
 from multissl.errors import DataError, first_line
+from multissl.hub import HubConfig
 from multissl.objectives.classification import TextClassification
 from multissl.objectives.finetune import load_for_finetuning
 from multissl.objectives.language_model import TextModelConfig, transformers_config
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_text_classification" / "tiny.yaml"
 TEXT_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
@@ -40,6 +44,8 @@ class TextClassificationConfig:
     data: TextClassificationDataConfig = field(default_factory=TextClassificationDataConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         output_dir="outputs/text-classification", lr=5e-5, warmup_ratio=0.1, lr_schedule="linear", epochs=3))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def tokenizer_for(cfg: TextClassificationConfig, texts: list[str]) -> Any:
@@ -92,7 +98,7 @@ def build_classifier(cfg: TextClassificationConfig, tokenizer: Any, labels: Any)
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(TextClassificationConfig, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         data = load_labelled_text(cfg.data)
         tokenizer = tokenizer_for(cfg, [r["text"] for r in data.train])

@@ -9,9 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multissl import config
-from multissl.data.audio import AudioDataConfig, prepare_audio
+from multissl.callbacks import recipe_trainer
+from multissl.data.audio import AudioDataConfig
+from multissl.data.audio_splits import prepare_audio
+from multissl.hub import HubConfig
 from multissl.objectives.wav2vec2 import Wav2Vec2LossConfig, Wav2Vec2ModelConfig, Wav2Vec2Pretraining
-from multissl.trainer import FitResult, Trainer, TrainerConfig
+from multissl.probe import ProbeConfig
+from multissl.training.config import TrainerConfig
+from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "wav2vec2" / "tiny.yaml"
 
@@ -24,11 +29,13 @@ class Wav2Vec2Config:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         output_dir="outputs/wav2vec2", lr=5e-4, adam_betas=(0.9, 0.98), adam_eps=1e-6, lr_schedule="linear",
         warmup_ratio=0.08, max_grad_norm=10.0))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(Wav2Vec2Config, argv, DEFAULT_CONFIG)
-    trainer = Trainer(cfg.trainer, run_config=cfg)
+    trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         train, held_out = prepare_audio(cfg.data, cfg.trainer.seed)
     objective = Wav2Vec2Pretraining(cfg.model, cfg.loss, train.collator())

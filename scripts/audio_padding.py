@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from multissl.data.audio import AudioDataConfig, prepare_audio
+from multissl.data.audio import AudioDataConfig
+from multissl.data.audio_splits import prepare_audio
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,7 @@ MIN_MASKS = 2  # the example leaves min_masks at 0; immaterial here: a >= 1 s ut
 def _configs(max_seconds: float, max_batch_samples: int) -> tuple[Any, Any, Any]:
     """Data, model and loss settings of the tiny preset (recipes/configs/wav2vec2/tiny.yaml), dropout off."""
     from multissl import config
-    from recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
+    from multissl_recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
 
     cfg = config.load(
         Wav2Vec2Config,
@@ -79,7 +79,7 @@ def warmup_steps(steps: int) -> int:
 def _recipe_trainer(output_dir: str, steps: int) -> Any:
     """The tiny preset's trainer settings (lr, betas, eps, schedule, clipping), made short and quiet."""
     from multissl import config
-    from recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
+    from multissl_recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
 
     return replace(
         config.load(Wav2Vec2Config, [], DEFAULT_CONFIG).trainer,
@@ -101,8 +101,8 @@ def _evaluate(objective: Any, held_out: Any) -> dict[str, float]:
     """Held-out metrics with fixed crops, masks and distractors: one yardstick for both sides."""
     import torch
 
-    from multissl.data.loader import make_loader
     from multissl.metrics import MetricSums
+    from multissl.training.loader import make_loader
 
     loader, _ = make_loader(
         held_out,
@@ -173,7 +173,7 @@ def _timed(batches: Iterator[Any], tally: Tally) -> Iterator[Any]:
 # ----------------------------------------------------------------------------- multissl side
 def _train_multissl(objective: Any, train: Any, steps: int, tally: Tally) -> None:
     """Our recipe as users run it: the Trainer with the recipe's settings over our loader."""
-    from multissl.trainer import Trainer
+    from multissl.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_audio_") as out:
         trainer = Trainer(_recipe_trainer(out, steps))
@@ -319,7 +319,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from multissl.cli import quiet_libraries
-    from multissl.data.audio import prepare_audio
+    from multissl.data.audio_splits import prepare_audio
     from multissl.objectives.wav2vec2 import Wav2Vec2Pretraining, build_wav2vec2
 
     quiet_libraries()
@@ -355,7 +355,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[str, int]:
     import torch
 
     from multissl.cli import quiet_libraries
-    from multissl.data.audio import prepare_audio
+    from multissl.data.audio_splits import prepare_audio
     from multissl.objectives.wav2vec2 import build_wav2vec2
 
     quiet_libraries()

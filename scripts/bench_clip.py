@@ -99,7 +99,7 @@ def evaluate(pretrained: Path) -> dict[str, float]:
 # ----------------------------------------------------------------------------- one side
 def _train_multissl(args: argparse.Namespace, out: Path) -> Path:
     """The recipe's ``main`` with overrides; returns the exported model folder."""
-    from recipes.clip import main as clip_main
+    from multissl_recipes.clip import main as clip_main
 
     clip_main(
         [

@@ -50,8 +50,8 @@ def _evaluate(objective: Any, model: Any, eval_data: Any) -> float:
     """Token-weighted eval loss with fixed masks: the same yardstick for every side."""
     import torch
 
-    from multissl.data.loader import make_loader
     from multissl.metrics import MetricSums
+    from multissl.training.loader import make_loader
 
     loader, _ = make_loader(eval_data, BATCH, objective.collate_eval, seed=SEED, shuffle=False, drop_last=False,
                             rank=0, world_size=1, split_tag=1)
@@ -80,7 +80,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
     pad = [0, 0]
 
     if side == "multissl":
-        from multissl.trainer import Trainer, TrainerConfig
+        from multissl.training.trainer import Trainer, TrainerConfig
 
         out = tempfile.mkdtemp()
         trainer = Trainer(TrainerConfig(output_dir=out, max_steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP,
@@ -127,8 +127,9 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         Trainer(model=objective.export(objective.model), args=args, train_dataset=data.train,
                 data_collator=collator, callbacks=[Stamp()]).train()
     else:
-        from multissl.data.loader import make_loader
-        from multissl.trainer import decay_groups, lr_lambda
+        from multissl.training.trainer import decay_groups, lr_lambda
+
+        from multissl.training.loader import make_loader
 
         set_seed(SEED)
         objective = _objective(recipe, data.tokenizer)

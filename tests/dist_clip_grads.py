@@ -39,7 +39,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> Any:
-    from multissl.trainer import Trainer, TrainerConfig
+    from multissl.training.trainer import Trainer, TrainerConfig
 
     out, kind = argv[0], (argv[1] if len(argv) > 1 else "clip")
     trainer = Trainer(TrainerConfig(output_dir=tempfile.mkdtemp(), trackers=[], progress_bar=False))

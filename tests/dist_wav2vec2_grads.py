@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from multissl.data.audio import AudioDataConfig, prepare_audio
+from multissl.data.audio import AudioDataConfig
+from multissl.data.audio_splits import prepare_audio
 from multissl.objectives.wav2vec2 import Wav2Vec2LossConfig, Wav2Vec2ModelConfig, Wav2Vec2Pretraining
 
 
@@ -30,8 +31,8 @@ def build_objective(manifest: str) -> tuple[Wav2Vec2Pretraining, list[dict[str, 
     torch.manual_seed(0)
     loss = Wav2Vec2LossConfig(num_negatives=10, diversity_weight=0.0, feature_penalty_weight=0.0)
     objective = Wav2Vec2Pretraining(Wav2Vec2ModelConfig(size="tiny", dropout=0.0), loss, data.collator())
-    batches = [objective.collate(rows[:1], torch.Generator().manual_seed(1)),
-               objective.collate(rows[1:], torch.Generator().manual_seed(2))]
+    batches = [objective.collator()(rows[:1], torch.Generator().manual_seed(1)),
+               objective.collator()(rows[1:], torch.Generator().manual_seed(2))]
     return objective, batches
 
 
@@ -49,7 +50,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> Any:
-    from multissl.trainer import Trainer, TrainerConfig
+    from multissl.training.trainer import Trainer, TrainerConfig
 
     manifest, out = argv
     trainer = Trainer(TrainerConfig(output_dir=tempfile.mkdtemp(), trackers=[], progress_bar=False))

@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("espeakng_loader")
 
+from multissl_recipes import finetune_audio_classification as recipe  # noqa: E402
+
 from multissl import config  # noqa: E402
 from multissl.data.audio import AudioCollator  # noqa: E402
 from multissl.data.audio_tasks import LabelledAudioDataConfig  # noqa: E402
@@ -31,7 +33,6 @@ from multissl.objectives.audio_classification import (  # noqa: E402
     label_splits,
 )
 from multissl.objectives.wav2vec2 import W2V_SIZES  # noqa: E402
-from recipes import finetune_audio_classification as recipe  # noqa: E402
 from tests.conftest import assert_resume_is_exact  # noqa: E402
 
 # Ten voices, 100 one-second clips. At validation_fraction 0.25 the speaker hash holds out the last three
@@ -219,7 +220,7 @@ def test_skipped_file_keeps_labels_aligned(corpus: Path) -> None:
     samples = [train[silent - 2], train[silent], train[silent - 1]]
     assert samples[0]["label"] != samples[2]["label"] != samples[1]["label"]
     objective = AudioClassification(torch.nn.Identity(), labels, train.collator(), None)
-    batch = objective.collate(samples, torch.Generator().manual_seed(0))
+    batch = objective.collator()(samples, torch.Generator().manual_seed(0))
     assert len(batch["path"]) == 2 and SILENT not in {Path(p).name for p in batch["path"]}
     for path, label in zip(batch["path"], batch["labels"].tolist()):
         assert Path(path).name.startswith(labels.names[label] + "_")

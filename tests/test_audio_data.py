@@ -18,10 +18,10 @@ from multissl.data.audio import (
     DurationBatchSampler,
     load_audio,
     load_utterances,
-    prepare_audio,
 )
-from multissl.data.loader import make_loader
+from multissl.data.audio_splits import prepare_audio
 from multissl.errors import ConfigError, DataError
+from multissl.training.loader import make_loader
 
 SR = 16000
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+from multissl.callbacks import ModelCardCallback
 from multissl.errors import ConfigError
-from multissl.trainer import Trainer, TrainerConfig
+from multissl.training.trainer import Trainer, TrainerConfig
 from tests.toy import Toy, toy_data
 
 
@@ -48,7 +49,7 @@ def run(out: Path, scores: list[float], **kw: Any) -> tuple[Any, ScriptedScore]:
     base.update(kw)
     toy = ScriptedScore(scores)
     data = toy_data()
-    return Trainer(TrainerConfig(**base)).fit(toy, data[:224], data[224:]), toy
+    return Trainer(TrainerConfig(**base), callbacks=[ModelCardCallback()]).fit(toy, data[:224], data[224:]), toy
 
 
 def exported(out: Path) -> dict[str, torch.Tensor]:

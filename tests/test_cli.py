@@ -77,7 +77,7 @@ def test_two_processes(tmp_path: Path) -> None:
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert len(state["rank_positions"]) == 2, "each process's data position is kept"
-    assert state["samples_seen"] == 6 * 8 * 2, "samples counted over both processes"
+    assert state["seen"]["samples"] == 6 * 8 * 2, "samples counted over both processes"
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6] and all(r["eval/loss"] > 0 for r in evals)
     assert all(r["throughput/samples_per_s"] > 0 for r in rows if "train/loss" in r)

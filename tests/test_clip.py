@@ -94,7 +94,7 @@ def test_logit_scale_is_clamped_after_each_step() -> None:
     objective = ClipPretraining(ClipModelConfig(), ClipLossConfig(), ClipEvalConfig(), lambda *a: None)
     with torch.no_grad():
         objective.model.logit_scale.fill_(math.log(500))
-    objective.on_step_end(1)
+    objective.after_optimizer_step(objective.model, 1)
     assert float(objective.model.logit_scale.detach().exp()) == pytest.approx(100.0)
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from multissl_recipes import clip
 from PIL import Image
 
 from multissl import config
 from multissl.data.shapes_demo import build_shapes_corpus
 from multissl.metrics import read_jsonl
-from recipes import clip
 from tests.conftest import assert_resume_is_exact
 
 
@@ -110,7 +110,7 @@ def test_bad_images_are_converted_or_skipped_and_the_run_completes(tmp_path: Pat
     logged = [r.get("data/skipped_images", 0) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     # the undecodable files (5) counted each time the batches of the 6 steps drew them, over both workers
     from multissl.data.image_text import prepare_image_text
-    from multissl.data.loader import ShardedBatchSampler
+    from multissl.training.loader import ShardedBatchSampler
 
     cfg = config.load(clip.ClipConfig, args)
     train, _ = prepare_image_text(cfg.data, cfg.trainer.seed)

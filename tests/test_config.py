@@ -6,24 +6,25 @@ from pathlib import Path
 
 import pytest
 import yaml
+from multissl_recipes.clip import ClipConfig
+from multissl_recipes.clm import CLMConfig
+from multissl_recipes.finetune_audio_classification import AudioClassificationConfig
+from multissl_recipes.finetune_speech_recognition import SpeechRecognitionConfig
+from multissl_recipes.finetune_text_classification import TextClassificationConfig
+from multissl_recipes.mlm import MLMConfig
+from multissl_recipes.wav2vec2 import Wav2Vec2Config
 
 from multissl import config
 from multissl.errors import ConfigError
-from recipes import FINETUNE_TASKS, RECIPES
-from recipes.clip import ClipConfig
-from recipes.clm import CLMConfig
-from recipes.finetune_audio_classification import AudioClassificationConfig
-from recipes.finetune_speech_recognition import SpeechRecognitionConfig
-from recipes.finetune_text_classification import TextClassificationConfig
-from recipes.mlm import MLMConfig
-from recipes.wav2vec2 import Wav2Vec2Config
+from multissl.registry import available
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig,
            "finetune_text_classification": TextClassificationConfig,
            "finetune_speech_recognition": SpeechRecognitionConfig,
            "finetune_audio_classification": AudioClassificationConfig}
-ALL_RECIPES = (*RECIPES, *FINETUNE_TASKS.values())
+ALL_RECIPES = tuple(r.entry_point.value.rsplit(".", 1)[1] for kind in ("pretrain", "finetune")
+                    for r in available(kind).values() if r.source == "multissl")
 
 
 def shipped_configs() -> list[tuple[str, Path]]:
@@ -126,31 +127,51 @@ def test_a_file_section_keeps_the_recipes_own_defaults(tmp_path: Path) -> None:
     assert clm.model.arch == "gpt2", "the CLM recipe's model default survives a model.* override"
 
 
-def test_hub_section_is_nested_in_trainer(tmp_path: Path) -> None:
-    """``trainer.hub.*`` on the command line or in a file; the recipe's own trainer defaults survive."""
+def test_hub_section_sits_beside_trainer(tmp_path: Path) -> None:
+    """``hub.*`` on the command line or in a file; the recipe's own trainer defaults survive."""
     from multissl.hub import HubConfig
 
-    cfg = config.build(Wav2Vec2Config, None, ["trainer.hub.push=true", "trainer.hub.repo_id=me/w2v",
-                                              "trainer.hub.private=true", "trainer.hub.revision=exp"])
-    assert cfg.trainer.hub == HubConfig(push=True, repo_id="me/w2v", private=True, revision="exp")
+    cfg = config.build(Wav2Vec2Config, None, ["hub.push=true", "hub.repo_id=me/w2v",
+                                              "hub.private=true", "hub.revision=exp"])
+    assert cfg.hub == HubConfig(push=True, repo_id="me/w2v", private=True, revision="exp")
     assert cfg.trainer.adam_betas == (0.9, 0.98) and cfg.trainer.output_dir == "outputs/wav2vec2"
     for schema in SCHEMAS.values():
-        assert config.build(schema).trainer.hub == HubConfig(), "off by default in every recipe"
+        assert config.build(schema).hub == HubConfig(), "off by default in every recipe"
     path = tmp_path / "c.yaml"
-    path.write_text("trainer:\n  hub:\n    push: true\n    repo_id: me/clip\n")
-    cfg = config.build(ClipConfig, path, ["trainer.hub.commit_message=first"])
-    assert (cfg.trainer.hub.repo_id, cfg.trainer.hub.commit_message, cfg.trainer.batch_size) == ("me/clip", "first", 256)
+    path.write_text("hub:\n  push: true\n  repo_id: me/clip\n")
+    cfg = config.build(ClipConfig, path, ["hub.commit_message=first"])
+    assert (cfg.hub.repo_id, cfg.hub.commit_message, cfg.trainer.batch_size) == ("me/clip", "first", 256)
     config.save(cfg, tmp_path / "resolved.yaml")
     assert config.build(ClipConfig, tmp_path / "resolved.yaml") == cfg
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["trainer.hub.push=true"], "trainer.hub.repo_id is required with trainer.hub.push=true"),
-    (["trainer.hub.push=yes please"], "trainer.hub.push: expected true or false"),
-    (["trainer.hub.repo=me/x"], "unknown config key 'trainer.hub.repo'; did you mean 'repo_id'?"),
-    (["trainer.hub.repo_id=a/b/c"], "trainer.hub.repo_id: expected NAME or NAMESPACE/NAME"),
+    (["hub.push=true"], "hub.repo_id is required with hub.push=true"),
+    (["hub.push=yes please"], "hub.push: expected true or false"),
+    (["hub.repo=me/x"], "unknown config key 'hub.repo'; did you mean 'repo_id'?"),
+    (["hub.repo_id=a/b/c"], "hub.repo_id: expected NAME or NAMESPACE/NAME"),
 ])
 def test_bad_hub_settings_name_the_key(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         config.build(MLMConfig, None, overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_moved_sections_name_their_new_place(tmp_path: Path) -> None:
+    """``trainer.hub``/``trainer.probe`` became top-level ``hub``/``probe``: the error says where to."""
+    with pytest.raises(ConfigError, match=r"^config key 'trainer.hub.push' moved to 'hub.push'$"):
+        config.build(MLMConfig, None, ["trainer.hub.push=true"])
+    path = tmp_path / "old.yaml"
+    path.write_text("trainer:\n  probe:\n    task: text-topics\n")
+    with pytest.raises(ConfigError, match=r"config key 'trainer.probe' in .*old.yaml moved to 'probe'"):
+        config.build(MLMConfig, path)
+
+
+def test_a_shipped_config_is_found_by_name(tmp_path: Path) -> None:
+    from multissl_recipes import mlm
+
+    by_name = config.load(MLMConfig, ["--config", "small", "trainer.max_steps=3"], mlm.DEFAULT_CONFIG)
+    by_path = config.load(MLMConfig, ["--config", str(ROOT / "recipes/configs/mlm/small.yaml"), "trainer.max_steps=3"])
+    assert by_name == by_path and by_name.model.size == "small"
+    with pytest.raises(ConfigError, match=r"config file not found: smal \(shipped configs: base, roberta_tiny, small, tiny\)"):
+        config.load(MLMConfig, ["--config", "smal"], mlm.DEFAULT_CONFIG)

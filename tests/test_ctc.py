@@ -10,6 +10,7 @@ import jiwer
 import pytest
 import soundfile as sf
 import torch
+from multissl_recipes import finetune_speech_recognition as recipe
 
 from multissl import config
 from multissl.data.audio import AudioDataset
@@ -32,7 +33,6 @@ from multissl.objectives.ctc import (
     prepare_transcripts,
     with_text,
 )
-from recipes import finetune_speech_recognition as recipe
 from tests.conftest import assert_resume_is_exact
 
 
@@ -175,7 +175,7 @@ def test_labels_stay_with_their_audio_when_a_bad_file_is_skipped(tmp_path: Path,
     cfg = SpeechRecognitionDataConfig()
     model, _ = build_ctc_model(CTCModelConfig(), vocab)
     objective = SpeechRecognition(model, make_processor(vocab, cfg, model.config), AudioCollator())
-    batch = objective.collate(samples, torch.Generator().manual_seed(0))
+    batch = objective.collator()(samples, torch.Generator().manual_seed(0))
     assert batch["path"] == [str(wav[0]), str(wav[1])] and batch["text"] == ["ab", "b a"]
     assert batch["labels"].tolist() == [[vocab["a"], vocab["b"], -100], [vocab["b"], 2, vocab["a"]]]
     assert objective.count(batch)["skipped_audio_files"] == 1 and "bad.wav" in capsys.readouterr().out
@@ -246,7 +246,7 @@ def test_resume_is_exact(tmp_path: Path, corpus: Path, pretrained: Path) -> None
 def test_a_tiny_model_learns_to_transcribe_utterances_it_overfits(corpus: Path) -> None:
     """The loss, labels and decoding fit together: four utterances, overfit from scratch, read back
     (measured: CER 1.0 while the model only emits blanks, 0.36 after 75 steps, 0.0 after 100)."""
-    from multissl.data.audio import prepare_audio
+    from multissl.data.audio_splits import prepare_audio
     from multissl.objectives.ctc import SpeechRecognition, make_processor
 
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def test_a_tiny_model_learns_to_transcribe_utterances_it_overfits(corpus: Path) 
     vocab = build_vocab(data.data["text"])
     model, _ = build_ctc_model(CTCModelConfig(dropout=0.0, mask_time_prob=0.0), vocab)
     objective = SpeechRecognition(model, make_processor(vocab, cfg, model.config), data.collator())
-    batch = objective.collate([data[i] for i in range(len(data))], torch.Generator().manual_seed(0))
+    batch = objective.collator()([data[i] for i in range(len(data))], torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     model.train()

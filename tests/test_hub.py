@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from multissl import card as card_lib
 from multissl import hub
 from multissl.errors import HubError
+from multissl.run_folder import ModelFolder, find_model_folder
 from tests.conftest import BIN, run, tiny_args
 from tests.hub_server import HubServer
 
@@ -76,18 +78,19 @@ def usage_snippet(card: str) -> str:
 # ------------------------------------------------------------------------- trained outputs (2 steps)
 @pytest.fixture(scope="module")
 def mlm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recipes import mlm
+    from multissl_recipes import mlm
 
     out = tmp_path_factory.mktemp("mlm") / "run"
     mlm.main(tiny_args(out, steps=2, **{"trainer.log_every": 1, "trainer.eval_max_batches": 1,
-                                        "trainer.hub.license": "apache-2.0"}))
+                                        "hub.license": "apache-2.0"}))
     return out
 
 
 @pytest.fixture(scope="module")
 def wav2vec2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from multissl_recipes import wav2vec2
+
     from multissl.data.speech_demo import build_speech_corpus
-    from recipes import wav2vec2
 
     root = tmp_path_factory.mktemp("wav2vec2")
     manifest = build_speech_corpus(root / "speech", 16, seed=0)
@@ -100,7 +103,7 @@ def wav2vec2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recipes import clip
+    from multissl_recipes import clip
 
     out = tmp_path_factory.mktemp("clip") / "run"
     clip.main([f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.trackers=[]",
@@ -302,11 +305,11 @@ def test_cli_failures_are_one_line_and_leave_the_output_alone(tmp_path: Path, ml
 
 # ---------------------------------------------------------------------------- pushing from training
 def test_training_pushes_at_the_end(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from recipes import mlm
+    from multissl_recipes import mlm
 
     out = tmp_path / "run"
-    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "trainer.hub.push": "true",
-                                                  "trainer.hub.repo_id": "alice/from-training"}))
+    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "hub.push": "true",
+                                                  "hub.repo_id": "alice/from-training"}))
     assert result.state.step == 2
     assert "pushed" in capsys.readouterr().out
     pushed = server.files("alice/from-training")
@@ -318,13 +321,13 @@ def test_training_pushes_at_the_end(server: HubServer, tmp_path: Path, capsys: p
 
 def test_a_failed_push_does_not_fail_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from recipes import mlm
+    from multissl_recipes import mlm
 
     point_client_at(closed_port_url(), tmp_path / "hf_home", monkeypatch)
     monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0))
     out = tmp_path / "run"
-    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "trainer.hub.push": "true",
-                                                  "trainer.hub.repo_id": "alice/unreachable"}))
+    result = mlm.main(tiny_args(out, steps=2, **{"trainer.eval_max_batches": 1, "hub.push": "true",
+                                                  "hub.repo_id": "alice/unreachable"}))
     assert result.state.step == 2 and result.final_metrics["loss"] > 0
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "README.md").is_file()
     printed = capsys.readouterr().out
@@ -341,15 +344,15 @@ def test_the_usage_snippet_is_rendered_for_a_folder_or_a_repo(tmp_path: Path) ->
     template = ('m = AutoModel.from_pretrained("{repo}")\n'
                 'c = open_clip.create_model_and_transforms("{open_clip_ref}")')
     folder = tmp_path / "run" / "model"
-    assert hub.render_usage(template, folder) == (f'm = AutoModel.from_pretrained("{folder}")\n'
+    assert card_lib.render_usage(template, folder) == (f'm = AutoModel.from_pretrained("{folder}")\n'
                                                   f'c = open_clip.create_model_and_transforms("local-dir:{folder}")')
-    card = f"---\nlibrary_name: x\n---\n\n## How to use\n\n{hub._usage_marker(folder)}\n```python\n" \
-           f"{hub.render_usage(template, folder)}\n```\n\n## Training configuration\n\n```json\n{{\"output_dir\": \"{folder}\"}}\n```\n"
-    pushed = hub.retarget_card(card, "me/model")
-    assert usage_snippet(pushed) == hub.render_usage(template, "me/model")
+    card = f"---\nlibrary_name: x\n---\n\n## How to use\n\n{card_lib._usage_marker(folder)}\n```python\n" \
+           f"{card_lib.render_usage(template, folder)}\n```\n\n## Training configuration\n\n```json\n{{\"output_dir\": \"{folder}\"}}\n```\n"
+    pushed = card_lib.retarget_card(card, "me/model")
+    assert usage_snippet(pushed) == card_lib.render_usage(template, "me/model")
     assert f'"output_dir": "{folder}"' in pushed, "only the snippet changes"
-    assert hub.retarget_card(hub.retarget_card(pushed, "org/other"), folder) == card, "retargeting is reversible"
-    assert hub.retarget_card("# no marker\n```python\nx = 1\n```\n", "me/model") == "# no marker\n```python\nx = 1\n```\n"
+    assert card_lib.retarget_card(card_lib.retarget_card(pushed, "org/other"), folder) == card, "retargeting is reversible"
+    assert card_lib.retarget_card("# no marker\n```python\nx = 1\n```\n", "me/model") == "# no marker\n```python\nx = 1\n```\n"
 
 
 def test_only_the_final_model_is_pushed(tmp_path: Path) -> None:
@@ -361,15 +364,15 @@ def test_only_the_final_model_is_pushed(tmp_path: Path) -> None:
                 "checkpoints/step_00000002/model.safetensors", "tensorboard/events.out.tfevents.2", "config.yaml"]:
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / rel).write_bytes(b"x")
-    assert hub.find_model_folder(run_dir) == (model, run_dir)
-    assert hub.find_model_folder(model) == (model, run_dir)
+    assert find_model_folder(run_dir, HubError) == ModelFolder(model, run_dir)
+    assert find_model_folder(model, HubError) == ModelFolder(model, run_dir)
     assert [p.as_posix() for p in hub.model_files(model)] == ["README.md", "config.json", "model.safetensors",
                                                              "tokenizer.json"]
-    with pytest.raises(HubError, match="no such folder"):
-        hub.find_model_folder(tmp_path / "nope")
+    with pytest.raises(HubError, match="no such run or model folder"):
+        find_model_folder(tmp_path / "nope", HubError)
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(HubError, match="no final model yet"):
-        hub.find_model_folder(tmp_path / "unfinished")
+        find_model_folder(tmp_path / "unfinished", HubError)
 
 
 def test_files_an_earlier_push_left_are_removed(server: HubServer, mlm_run: Path, tmp_path: Path) -> None:
@@ -399,9 +402,8 @@ def test_a_fine_tune_of_a_hub_model_names_its_base_and_loads_in_a_pipeline(serve
     """Pretrain -> push -> fine-tune from the Hub id -> push: the card's base_model is that id, and
     the pushed classifier runs in transformers' pipeline from the Hub with the local predictions."""
     from huggingface_hub import ModelCard
+    from multissl_recipes import finetune_text_classification
     from transformers import pipeline
-
-    from recipes import finetune_text_classification
 
     hub.push_to_hub(mlm_run, "alice/tiny-bert")
     out = tmp_path / "topics"

@@ -23,9 +23,9 @@ from multissl.data.image_text import (
     load_image,
     prepare_image_text,
 )
-from multissl.data.loader import make_loader, rows
 from multissl.data.shapes_demo import CLASSNAMES, ZERO_SHOT_TEMPLATES, build_shapes_corpus
 from multissl.errors import ConfigError, DataError
+from multissl.training.loader import make_loader, rows
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -138,7 +138,8 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 def test_prepare_audio_keeps_labels_and_holds_out_whole_speakers(corpus: Path) -> None:
     import torch
 
-    from multissl.data.audio import AudioDataConfig, prepare_audio
+    from multissl.data.audio import AudioDataConfig
+    from multissl.data.audio_splits import prepare_audio
 
     cfg = AudioDataConfig(manifest=str(corpus), min_seconds=0.5, max_seconds=2.0, max_batch_samples=64000,
                           validation_fraction=0.25)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from multissl.data.loader import ShardedBatchSampler
+from multissl.training.loader import ShardedBatchSampler
 
 
 def _epoch(n: int, bs: int, world: int, drop_last: bool, epoch: int = 0, start: int = 0) -> list[list[list[tuple[int, int]]]]:

@@ -18,7 +18,7 @@ def test_masked_positions_only_equals_full_mlm_loss() -> None:
         obj = MaskedLM(TextModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                                        dropout=0.0), MaskingConfig(mask_prob=0.3), tok, 32)
         samples = [{"input_ids": tok(t, truncation=True, max_length=32)["input_ids"]} for t in TEXTS[18:24]]
-        batch = obj.collate(samples, torch.Generator().manual_seed(1))
+        batch = obj.collator()(samples, torch.Generator().manual_seed(1))
         assert (batch["labels"] != -100).sum() > 0
         obj.model.eval()
         with torch.no_grad():

@@ -15,17 +15,28 @@ import pytest
 import torch
 
 from multissl import probe
+from multissl.cli import add_probe_parser, run_probe_command
 from multissl.errors import ConfigError, DataError
+from multissl.models import features
 from multissl.probe import (
     ProbeConfig,
-    add_probe_parser,
     knn_probe,
     linear_probe,
+    probe_encoder,
     probe_features,
-    probe_module,
     probe_output,
-    run_probe_command,
 )
+
+
+def probe_module(model, modality, cfg, *, tokenizer=None, preprocess=None):
+    """The probe of an in-memory model through the modality's feature function ({} when off), as
+    the objectives' ``features`` feed it during training."""
+    if not cfg.task:
+        return {}
+    featurize = {"text": lambda xs: features.text_features(model, tokenizer, xs, cfg.batch_size),
+                 "audio": lambda xs: features.audio_features(model, xs, cfg.batch_size),
+                 "image": lambda xs: features.image_features(model, preprocess, xs, cfg.batch_size)}[modality]
+    return probe_encoder(model, modality, featurize, cfg)[0]
 
 SR = 16000
 TONES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
@@ -279,8 +290,8 @@ def test_probe_module_text_is_cached_and_deterministic(tokenizer, monkeypatch):
 def test_text_features_mean_ignores_padding(tokenizer):
     model = tiny_bert(tokenizer).eval()
     texts = ["a short one", "a much longer sentence about the for statement and the while loop in python"]
-    together = probe.text_features(model, tokenizer, texts, batch_size=2, device="cpu")
-    alone = torch.cat([probe.text_features(model, tokenizer, [t], batch_size=1, device="cpu") for t in texts])
+    together = features.text_features(model, tokenizer, texts, batch_size=2, device="cpu")
+    alone = torch.cat([features.text_features(model, tokenizer, [t], batch_size=1, device="cpu") for t in texts])
     assert together.shape == (2, 32)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
@@ -321,8 +332,8 @@ def test_audio_features_valid_frames_only(tmp_path):
     model = tiny_wav2vec2().wav2vec2.eval()
     rng = np.random.default_rng(0)
     waves = [rng.standard_normal(4000).astype(np.float32), rng.standard_normal(9000).astype(np.float32)]
-    together = probe.audio_features(model, waves, batch_size=2, device="cpu")
-    alone = torch.cat([probe.audio_features(model, [w], batch_size=1, device="cpu") for w in waves])
+    together = features.audio_features(model, waves, batch_size=2, device="cpu")
+    alone = torch.cat([features.audio_features(model, [w], batch_size=1, device="cpu") for w in waves])
     assert together.shape == (2, 32)
     torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-4)
 
@@ -447,7 +458,6 @@ def test_cli_prints_a_table_and_writes_json(text_run, tmp_path, capsys):
     out_json = tmp_path / "out" / "probe.json"
     ns = cli_parser().parse_args(["probe", str(text_run), "--files", str(data), "--knn-k", "7",
                                   "--max-train", "40", "--json", str(out_json)])
-    assert ns.func is run_probe_command
     assert run_probe_command(ns) == 0
     printed = capsys.readouterr().out
     result = json.loads(out_json.read_text())
@@ -472,16 +482,17 @@ def test_building_the_parser_imports_no_torch():
     """`multissl` builds every sub-command's parser on each call: `multissl push` must stay instant."""
     import subprocess
 
-    code = ("import argparse, sys; from multissl.probe import add_probe_parser; "
+    code = ("import argparse, sys; from multissl.cli import add_probe_parser; "
             "add_probe_parser(argparse.ArgumentParser().add_subparsers()); "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_trainer_probes_at_each_evaluation(tmp_path):
-    """`trainer.probe.task` during pretraining: every evaluation logs the probe's accuracies."""
+    """`probe.task` during pretraining: every evaluation logs the probe's accuracies."""
+    from multissl_recipes import mlm
+
     from multissl.metrics import read_jsonl
-    from recipes import mlm
     from tests.conftest import tiny_args
 
     rows = [{"text": f"{w} number {i} is {'red' if w == 'apple' else 'yellow'}", "label": w}
@@ -489,9 +500,26 @@ def test_trainer_probes_at_each_evaluation(tmp_path):
     data = tmp_path / "labelled.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    mlm.main(tiny_args(out, steps=4, **{"trainer.eval_every": 2, "trainer.probe.task": "files",
-                                        "trainer.probe.files": f"[{data}]"}))
+    mlm.main(tiny_args(out, steps=4, **{"trainer.eval_every": 2, "probe.task": "files",
+                                        "probe.files": f"[{data}]"}))
     probed = [r for r in read_jsonl(out / "metrics.jsonl") if "probe/linear_acc" in r]
     assert [r["step"] for r in probed] == [0, 2, 4]
-    for r in probed:
-        assert 0.0 <= r["probe/linear_acc"] <= 1.0 and 0.0 <= r["probe/knn_acc"] <= 1.0 and r["probe/chance"] >= 0.5
+    # the last in-training probe measured the model that was exported: probing the saved folder
+    # (loaded as transformers loads it) gives the same numbers on the same data
+    saved = probe_output(out, ProbeConfig(task="files", files=[str(data)]), device="cpu")
+    last = probed[-1]
+    assert (last["probe/linear_acc"], last["probe/knn_acc"], last["probe/chance"]) == pytest.approx(
+        (saved["linear_acc"], saved["knn_acc"], saved["chance"]), abs=1e-6)
+
+
+def test_a_saved_vit_folder_is_not_taken_for_a_text_model(tmp_path):
+    """A transformers ViT has no tokenizer: the probe names its model type instead of asking for one."""
+    from transformers import ViTConfig, ViTModel
+
+    from multissl.models.saved import load_saved_encoder
+
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=16, patch_size=8)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match=r"vit: no feature extractor for a 'vit' model yet") as err:
+        load_saved_encoder(tmp_path / "vit")
+    assert "tokenizer" not in str(err.value)

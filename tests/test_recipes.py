@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from multissl_recipes import clm, mlm
 
 from multissl.metrics import read_jsonl
-from recipes import clm, mlm
 from tests.conftest import assert_resume_is_exact, tiny_args
 
 
@@ -92,7 +92,7 @@ def test_streaming_needs_max_steps_then_runs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="set trainer.max_steps"):
         clm.main([a for a in base if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=0"])
     result = clm.main(base)
-    assert result.state.step == 6 and result.state.samples_seen == 6 * 16
+    assert result.state.step == 6 and result.state.seen["samples"] == 6 * 16
     assert "loss" in result.final_metrics
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from multissl_recipes import finetune_text_classification as task
+from multissl_recipes import mlm
 
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.errors import ConfigError, DataError
 from multissl.metrics import MetricSums
 from multissl.objectives.classification import classification_step, summarize_classification
-from recipes import finetune_text_classification as task
-from recipes import mlm
 from tests.conftest import assert_resume_is_exact, tiny_args
 
 
@@ -133,7 +133,7 @@ def test_random_init_keeps_architecture_and_tokenizer(tmp_path: Path, pretrained
 
 
 def test_from_a_clm_output_and_from_scratch(tmp_path: Path) -> None:
-    from recipes import clm
+    from multissl_recipes import clm
 
     clm.main(tiny_args(tmp_path / "clm", steps=2))
     gpt = task.main(_args(tmp_path / "gpt", steps=2, **{"model.init_from": tmp_path / "clm"}))
@@ -198,5 +198,5 @@ def test_label_fraction_and_config_errors(tmp_path: Path, pretrained: Path) -> N
                         **{"model.init_from": pretrained, "data.label_fraction": 0.25}))
     with pytest.raises(ConfigError, match="data.label_fraction must be in"):
         task.main(_args(tmp_path, 2, **{"data.label_fraction": 0}))
-    with pytest.raises(ConfigError, match="model.init_from='/nonexistent/run': no such folder"):
+    with pytest.raises(ConfigError, match="model.init_from='/nonexistent/run': no such run or model folder: /nonexistent/run"):
         task.main(_args(tmp_path / "x", 2, **{"model.init_from": "/nonexistent/run"}))

@@ -84,7 +84,7 @@ def test_objective_step_and_metrics() -> None:
     obj = _objective()
     g = torch.Generator().manual_seed(0)
     samples = [{"audio": torch.randn(n, generator=g)} for n in (16000, 24000, 12000)]
-    batch = obj.collate(samples, torch.Generator().manual_seed(1))
+    batch = obj.collator()(samples, torch.Generator().manual_seed(1))
     out = obj.compute(obj.model, batch)
     loss = out["loss"].value
     loss.backward()
@@ -114,7 +114,7 @@ def test_feature_penalty_and_gradient_scale_follow_the_encoder(norm: str, penalt
     obj = Wav2Vec2Pretraining(model_cfg, Wav2Vec2LossConfig(num_negatives=5), _objective().audio_collate)
     assert obj.model.config.feat_extract_norm == norm and obj.model.config.do_stable_layer_norm == (norm == "layer")
     assert (obj.feature_penalty_weight, obj.feature_grad_scale) == (penalty, scale)
-    batch = obj.collate([{"audio": torch.randn(16000)}, {"audio": torch.randn(12000)}], torch.Generator().manual_seed(1))
+    batch = obj.collator()([{"audio": torch.randn(16000)}, {"audio": torch.randn(12000)}], torch.Generator().manual_seed(1))
     scaled, loss = _encoder_grad(obj, batch)
     obj.feature_grad_scale = 1.0
     unscaled, same_loss = _encoder_grad(obj, batch)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from multissl_recipes import wav2vec2
 
 from multissl import config
-from multissl.data.audio import prepare_audio
+from multissl.data.audio_splits import prepare_audio
 from multissl.data.speech_demo import build_speech_corpus
 from multissl.metrics import read_jsonl
-from recipes import wav2vec2
 from tests.conftest import BIN, assert_resume_is_exact, run
 
 
@@ -162,7 +162,7 @@ def test_two_processes_end_to_end(tmp_path: Path, corpus: Path) -> None:
                                            rank=rank, world_size=2, split_tag=0)
         used += sum(len(b) for b in list(sampler)[:4])
     state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
-    assert state["samples_seen"] == used
+    assert state["seen"]["samples"] == used
     from transformers import Wav2Vec2Model
 
     Wav2Vec2Model.from_pretrained(tmp_path / "model")

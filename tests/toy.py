@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from multissl.metrics import Mean
-from multissl.objectives.base import Objective
+from multissl.training.objective import Objective
 
 TRUE_W = torch.linspace(-1, 1, 8)
 
@@ -21,25 +22,43 @@ def toy_data(n: int = 256) -> list[dict[str, Any]]:
     return [{"x": x[i], "y": y[i]} for i in range(n)]
 
 
+@dataclass
+class ToyCollator:
+    """Stacks samples; training adds input noise drawn from the batch's generator."""
+
+    noise: float
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x = torch.stack([s["x"] for s in samples])
+        if self.noise:
+            x = x + self.noise * torch.randn(x.shape, generator=generator)
+        return {"x": x, "y": torch.stack([s["y"] for s in samples])}
+
+
 class Toy(Objective):
     """Collation draws noise from the batch generator; the model has dropout (global RNG)."""
 
     name = "toy"
 
-    def __init__(self, nan_at_steps: set[int] | None = None, hook: Any = None) -> None:
-        self.model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 1))
+    def __init__(self, nan_at_steps: set[int] | None = None, hook: Any = None, dropout: float = 0.1,
+                 noise: float = 0.01) -> None:
+        self.model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(dropout), nn.ReLU(), nn.Linear(32, 1))
         self.nan_at_steps = nan_at_steps or set()
         self.hook = hook
+        self.noise = noise
         self.steps_done = 0
         self.calls = 0
+        self.grads: list[dict[str, torch.Tensor]] = []
+        """The final gradients of every real update (what the optimizer is about to apply)."""
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = torch.stack([s["x"] for s in samples])
-        noise = 0.01 * torch.randn(x.shape, generator=generator)
-        return {"x": x + noise, "y": torch.stack([s["y"] for s in samples])}
+    def collator(self) -> ToyCollator:
+        return ToyCollator(noise=self.noise)
 
-    def collate_eval(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"x": torch.stack([s["x"] for s in samples]), "y": torch.stack([s["y"] for s in samples])}
+    def eval_collator(self) -> ToyCollator:
+        return ToyCollator(noise=0.0)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"samples": int(batch["x"].shape[0])}
 
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         pred = model(batch["x"]).squeeze(-1)
@@ -47,6 +66,9 @@ class Toy(Objective):
         if model.training and (self.steps_done + 1) in self.nan_at_steps:
             err = err * float("nan")
         return {"loss": Mean(err.sum(), err.numel()), "abs_err": (pred - batch["y"]).abs().mean()}
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
     def on_step_end(self, step: int) -> dict[str, float]:
         self.steps_done = step

@@ -22,10 +22,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from multissl.data.demo import heldout_mask
 from multissl.data.files import expand_files
-from multissl.data.loader import DatasetView, ShardedBatches, batch_seed
 from multissl.errors import ConfigError, DataError, first_line
+from multissl.training.loader import DatasetView, ShardedBatches, batch_seed
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
 MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
@@ -433,26 +432,3 @@ def load_utterances(cfg: AudioDataConfig) -> tuple[Any, str]:
     out = {name: [values[i] for i in rows] for name, values in cols.items()}
     out["duration"] = [d for _, d in long_enough]
     return datasets.Dataset.from_dict(out), source
-
-
-def prepare_audio(cfg: AudioDataConfig, seed: int = 0) -> tuple[Any, Any]:
-    """``(train, eval)`` utterance sets; eval holds out whole speakers when the data names them.
-
-    The split does not depend on ``seed`` (a hash decides), so it is stable across runs. With
-    ``cfg.streaming`` the two are `AudioStream`s instead of `AudioDataset`s.
-    """
-    if cfg.streaming:
-        from multissl.data.audio_stream import stream_audio
-
-        return stream_audio(cfg)
-    ds, source = load_utterances(cfg)
-    if cfg.validation_fraction == 0:
-        return AudioDataset(ds, cfg), None
-    mask = heldout_mask(ds["speaker"], cfg.validation_fraction) if "speaker" in ds.column_names else None
-    if mask is None:
-        mask = heldout_mask([Path(p).name for p in ds["path"]], cfg.validation_fraction)
-    if mask is None:
-        raise DataError(f"{source}: only {len(ds)} utterance(s); need at least 2 to hold out validation")
-    held = np.flatnonzero(mask).tolist()
-    train = np.flatnonzero(~mask).tolist()
-    return AudioDataset(ds.select(train), cfg), AudioDataset(ds.select(held), cfg)

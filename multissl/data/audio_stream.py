@@ -29,8 +29,8 @@ from multissl.data.audio import (
     _probe,
     duration_batches,
 )
-from multissl.data.loader import batch_seed
 from multissl.errors import DataError, first_line
+from multissl.training.loader import batch_seed
 
 
 class AudioStream:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from multissl.data.audio import AudioDataConfig, AudioDataset, prepare_audio
+from multissl.data.audio import AudioDataConfig, AudioDataset
+from multissl.data.audio_splits import prepare_audio
 from multissl.data.labels import is_missing, stratified_subset, warn_skipped
 from multissl.errors import ConfigError, DataError
 

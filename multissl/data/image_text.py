@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from multissl.data.demo import heldout_mask
-from multissl.data.loader import DatasetView
 from multissl.errors import ConfigError, DataError, first_line
+from multissl.training.loader import DatasetView
 
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -291,7 +291,7 @@ class ImageTextStream:
     def make_stream(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int,
                     world_size: int, split_tag: int) -> Any:
         """`make_loader`'s hook: this process's shard, in fixed-size batches tagged with their seeds."""
-        from multissl.data.loader import SeededStream
+        from multissl.training.loader import SeededStream
 
         part = self.shard(rank, world_size) if world_size > 1 else self
         return SeededStream(part, batch_size, seed=seed, split_tag=split_tag, rank=rank)

@@ -27,8 +27,9 @@ from multissl.data.audio import AudioDataset
 from multissl.data.audio_tasks import LabelledAudioDataConfig, prepare_labelled_audio
 from multissl.data.labels import LabelMap, infer_label_map
 from multissl.errors import ConfigError, DataError
-from multissl.objectives.base import Objective
 from multissl.objectives.classification import classification_step, prediction_rows, summarize_classification
+from multissl.objectives.finetune import finetuned_card
+from multissl.training.objective import ModelCardInfo, Objective
 
 WAV2VEC2_TYPES = ("wav2vec2",)
 LABEL_COLUMN = "label"
@@ -171,6 +172,20 @@ def feature_extractor_for(model_config: Any, sample_rate: int, normalize: bool, 
 
 
 # ------------------------------------------------------------------------------- objective
+@dataclass
+class LabelledAudioCollator:
+    """Audio batch plus the labels and paths of the clips that survived bad-file skipping."""
+
+    audio_collate: Any
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+        batch = self.audio_collate(samples, generator)
+        kept = batch.pop("kept").tolist()
+        batch["labels"] = torch.tensor([int(samples[i][LABEL_COLUMN]) for i in kept], dtype=torch.long)
+        batch["path"] = [str(samples[i]["path"]) for i in kept]
+        return batch
+
+
 class AudioClassification(Objective):
     """Cross-entropy over clip-level labels; accuracy and macro-F1; one prediction row per eval clip."""
 
@@ -184,13 +199,8 @@ class AudioClassification(Objective):
         self.sample_rate = getattr(audio_collate, "sample_rate", 16000)
         self.base_model = base_model
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        """Audio batch plus the labels and paths of the clips that survived bad-file skipping."""
-        batch = self.audio_collate(samples, generator)
-        kept = batch.pop("kept").tolist()
-        batch["labels"] = torch.tensor([int(samples[i][LABEL_COLUMN]) for i in kept], dtype=torch.long)
-        batch["path"] = [str(samples[i]["path"]) for i in kept]
-        return batch
+    def collator(self) -> LabelledAudioCollator:
+        return LabelledAudioCollator(self.audio_collate)
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": int(batch["labels"].shape[0]),
@@ -212,18 +222,12 @@ class AudioClassification(Objective):
         model.save_pretrained(output_dir)
         self.feature_extractor.save_pretrained(output_dir)
 
-    def model_card_info(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {
-            "library_name": "transformers", "pipeline_tag": "audio-classification", "method": self.name,
-            "card_metrics": ("accuracy", "macro_f1"), "arch": cfg.model_type,
-            "size": f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "base_model": self.base_model, "fine_tuned": True,
-            "auto_class": "AutoModelForAudioClassification",
-            "usage": ("import soundfile\n"
-                      "from transformers import pipeline\n\n"
-                      'classify = pipeline("audio-classification", model="{repo}")\n'
-                      'audio, rate = soundfile.read("clip.wav", dtype="float32")\n'
-                      'print(classify({"raw": audio, "sampling_rate": rate}))'),
-        }
+    def model_card(self) -> ModelCardInfo:
+        return finetuned_card(
+            self.model, self.name, self.base_model, pipeline_tag="audio-classification",
+            card_metrics=("accuracy", "macro_f1"), auto_class="AutoModelForAudioClassification",
+            usage=("import soundfile\n"
+                   "from transformers import pipeline\n\n"
+                   'classify = pipeline("audio-classification", model="{repo}")\n'
+                   'audio, rate = soundfile.read("clip.wav", dtype="float32")\n'
+                   'print(classify({"raw": audio, "sampling_rate": rate}))'))

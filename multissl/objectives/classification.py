@@ -9,6 +9,7 @@ into the scores (F1 and MCC are ratios, unchanged by the common scale).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from multissl.data.labels import LabelMap
 from multissl.metrics import Mean
-from multissl.objectives.base import Objective
+from multissl.objectives.finetune import finetuned_card
+from multissl.training.objective import ModelCardInfo, Objective
 
 
 def classification_step(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, Any]:
@@ -67,18 +69,13 @@ def prediction_rows(logits: torch.Tensor, labels: torch.Tensor, labels_map: Labe
     ]
 
 
-class TextClassification(Objective):
-    """Sequence classification (single texts or pairs) with a transformers ``*ForSequenceClassification``."""
+@dataclass
+class LabelledTextCollator:
+    """Tokenized texts (or pairs) padded to the batch's longest, with their labels."""
 
-    name = "text-classification"
-    best_metric = "accuracy"
+    pad_id: int
 
-    def __init__(self, model: nn.Module, tokenizer: Any, labels: LabelMap, base_model: str = "") -> None:
-        self.model, self.tokenizer, self.labels = model, tokenizer, labels
-        self.base_model = base_model
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         longest = max(len(s["input_ids"]) for s in samples)
         ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(samples), longest), dtype=torch.long)
@@ -95,6 +92,21 @@ class TextClassification(Objective):
         if "token_type_ids" in samples[0]:
             batch["token_type_ids"] = types
         return batch
+
+
+class TextClassification(Objective):
+    """Sequence classification (single texts or pairs) with a transformers ``*ForSequenceClassification``."""
+
+    name = "text-classification"
+    best_metric = "accuracy"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, labels: LabelMap, base_model: str = "") -> None:
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.base_model = base_model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collator(self) -> LabelledTextCollator:
+        return LabelledTextCollator(self.pad_id)
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": int(batch["labels"].shape[0]), "tokens": int(batch["attention_mask"].sum())}
@@ -114,15 +126,11 @@ class TextClassification(Objective):
         model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
 
-    def model_card_info(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {
-            "library_name": "transformers", "pipeline_tag": "text-classification", "method": self.name,
-            "card_metrics": ("accuracy", "macro_f1", "matthews_correlation"), "arch": cfg.model_type,
-            "size": f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "base_model": self.base_model, "fine_tuned": True, "auto_class": "AutoModelForSequenceClassification",
-            "usage": ("from transformers import pipeline\n\n"
-                      'classify = pipeline("text-classification", model="{repo}")\n'
-                      'print(classify("The with statement wraps a block in a context manager."))'),
-        }
+    def model_card(self) -> ModelCardInfo:
+        return finetuned_card(
+            self.model, self.name, self.base_model, pipeline_tag="text-classification",
+            card_metrics=("accuracy", "macro_f1", "matthews_correlation"),
+            auto_class="AutoModelForSequenceClassification",
+            usage=("from transformers import pipeline\n\n"
+                   'classify = pipeline("text-classification", model="{repo}")\n'
+                   'print(classify("The with statement wraps a block in a context manager."))'))

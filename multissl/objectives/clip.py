@@ -11,12 +11,10 @@ open_clip's Hub format (``open_clip_config.json`` + weights) that
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +23,9 @@ import torch
 from torch import nn
 
 from multissl.errors import ConfigError, first_line
+from multissl.logs import quiet_root_logger
 from multissl.metrics import Mean
-from multissl.objectives.base import Objective
+from multissl.training.objective import ModelCardInfo, Objective
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip's HF_SAFE_WEIGHTS_NAME
@@ -73,18 +72,6 @@ def _register_our_configs() -> None:
     open_clip.add_model_config(CONFIG_DIR)
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """open_clip logs through the root logger; keep its warnings out of the console while building."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, Any, Any, Any, dict[str, Any]]:
     """``(model, train transform, eval transform, tokenizer, model config)`` from open_clip."""
     import open_clip
@@ -105,7 +92,7 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         raise ConfigError(f"model.name: unknown open_clip model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
-        with _quiet_root_logger():  # "No pretrained weights loaded ... initialized randomly" is the point here
+        with quiet_root_logger():  # "No pretrained weights loaded ... initialized randomly" is the point here
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
                 name, pretrained=str(source) if source is not None and source.is_file() else None, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
@@ -131,6 +118,7 @@ class ClipPretraining(Objective):
     """Contrastive image–text alignment; batches of ``{"images", "texts", "labels", "skipped"}``."""
 
     name = "clip"
+    modality = "image"
 
     def __init__(self, model_cfg: ClipModelConfig, loss: ClipLossConfig, eval_cfg: ClipEvalConfig,
                  make_collator: Any) -> None:
@@ -144,11 +132,11 @@ class ClipPretraining(Objective):
         """Held-out pairs (with labels and ``classnames`` for zero-shot) that `on_evaluate` scores."""
         self._losses: dict[tuple[int, int], nn.Module] = {}
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.train_collate(samples, generator)
+    def collator(self) -> Any:
+        return self.train_collate
 
-    def collate_eval(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.eval_collate(samples, generator)
+    def eval_collator(self) -> Any:
+        return self.eval_collate
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"samples": int(batch["images"].shape[0]),
@@ -189,7 +177,7 @@ class ClipPretraining(Objective):
             "logit_scale": out["logit_scale"].detach(),
         }
 
-    def on_step_end(self, step: int) -> dict[str, float]:
+    def after_optimizer_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """CLIP's clamp: exp(logit_scale) <= 100, so the softmax cannot become arbitrarily sharp."""
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.loss_cfg.max_logit_scale))
@@ -211,7 +199,7 @@ class ClipPretraining(Objective):
         """Retrieval recall both ways on held-out pairs, and zero-shot accuracy when they have labels."""
         if self.eval_data is None or not hasattr(self.eval_data, "__len__") or len(self.eval_data) == 0:
             return {}
-        from multissl.data.loader import rows as read_rows
+        from multissl.training.loader import rows as read_rows
 
         was_training = model.training
         model.eval()
@@ -246,8 +234,10 @@ class ClipPretraining(Objective):
                 "zero_shot_top5": float((top == target[:, None]).any(1).float().mean()),
                 "zero_shot_chance": 1.0 / len(classnames)}
 
-    def probe_inputs(self) -> dict[str, Any]:
-        return {"modality": "image", "preprocess": self.eval_transform}
+    def features(self, model: nn.Module, inputs: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        from multissl.models.features import image_features
+
+        return image_features(model, self.eval_transform, inputs, batch_size)
 
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         """open_clip's Hub layout: config with the preprocessing, and weights as safetensors (loadable
@@ -260,14 +250,14 @@ class ClipPretraining(Objective):
         save_file(state, str(output_dir / WEIGHTS_NAME))
         save_config_for_hf(model, output_dir / CONFIG_NAME, model_config=self.model_config)
 
-    def model_card_info(self) -> dict[str, Any]:
-        return {
-            "library_name": "open_clip", "pipeline_tag": "zero-shot-image-classification", "method": "clip",
-            "card_metrics": ("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"),
-            "arch": self.model_name, "size": self.model_name,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "auto_class": "open_clip",
-            "usage": ("import open_clip\n\n"
+    def model_card(self) -> ModelCardInfo:
+        return ModelCardInfo(
+            library_name="open_clip", pipeline_tag="zero-shot-image-classification", method="clip",
+            card_metrics=("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"),
+            arch=self.model_name, size=self.model_name,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            auto_class="open_clip",
+            usage=("import open_clip\n\n"
                       'model, _, preprocess = open_clip.create_model_and_transforms("{open_clip_ref}")\n'
                       'tokenizer = open_clip.get_tokenizer("{open_clip_ref}")\n'
                       "image = preprocess(pil_image).unsqueeze(0)\n"
@@ -275,4 +265,4 @@ class ClipPretraining(Objective):
                       "image_features = model.encode_image(image, normalize=True)\n"
                       "text_features = model.encode_text(text, normalize=True)\n"
                       "probs = (100 * image_features @ text_features.T).softmax(dim=-1)"),
-        }
+        )

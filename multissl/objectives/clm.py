@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -10,6 +11,19 @@ from multissl.data.masking import pad_blocks
 from multissl.errors import ConfigError
 from multissl.metrics import Mean
 from multissl.objectives.language_model import LanguageModelObjective, TextModelConfig, build_model
+from multissl.training.objective import ModelCardInfo
+
+
+@dataclass
+class CausalCollator:
+    """Pads packed blocks; labels are the inputs (the model shifts them), padding ignored."""
+
+    pad_id: int
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, attention = pad_blocks(samples, self.pad_id)
+        labels = ids.masked_fill(attention == 0, -100)
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
 class CausalLM(LanguageModelObjective):
@@ -30,10 +44,8 @@ class CausalLM(LanguageModelObjective):
         gen = self.model.generation_config
         gen.pad_token_id, gen.eos_token_id = self.pad_id, tokenizer.eos_token_id
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        ids, attention = pad_blocks(samples, self.pad_id)
-        labels = ids.masked_fill(attention == 0, -100)
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    def collator(self) -> CausalCollator:
+        return CausalCollator(self.pad_id)
 
     def compute(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -60,12 +72,10 @@ class CausalLM(LanguageModelObjective):
             samples.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
         return {"samples": samples}
 
-    def model_card_info(self) -> dict[str, Any]:
-        info = super().model_card_info()
-        info["usage"] = (
+    def model_card(self) -> ModelCardInfo:
+        usage = (
             "from transformers import pipeline\n\n"
             'generate = pipeline("text-generation", model="{repo}")\n'
             'print(generate("The return statement", max_new_tokens=30)[0]["generated_text"])'
         )
-        info["auto_class"] = "AutoModelForCausalLM"
-        return info
+        return replace(super().model_card(), usage=usage, auto_class="AutoModelForCausalLM")

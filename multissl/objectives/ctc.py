@@ -28,7 +28,8 @@ from multissl.data.audio import AudioDataset
 from multissl.data.audio_tasks import NAMED_IN_WARNINGS, LabelledAudioDataConfig
 from multissl.errors import ConfigError, DataError
 from multissl.metrics import Mean
-from multissl.objectives.base import Objective
+from multissl.objectives.finetune import finetuned_card
+from multissl.training.objective import LOWER_IS_BETTER, ModelCardInfo, Objective, lower_is_better_by_name
 
 PAD, UNK, DELIMITER = "<pad>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, UNK, DELIMITER)  # ids 0, 1, 2; characters follow in sorted order
@@ -271,6 +272,24 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, Mean]
 
 
 # ------------------------------------------------------------------------------- objective
+@dataclass
+class TranscriptCollator:
+    """Audio batches with their transcripts as character ids (CTC labels)."""
+
+    audio_collate: Any
+    vocab: dict[str, int]
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+        batch: dict[str, Any] = self.audio_collate(samples, generator)
+        kept = [samples[i] for i in batch["kept"].tolist()]  # a skipped bad file takes its transcript along
+        ids = [encode(s["text"], self.vocab) for s in kept]
+        labels = torch.full((len(ids), max(len(x) for x in ids)), IGNORE_INDEX, dtype=torch.long)
+        for row, x in enumerate(ids):
+            labels[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        batch.update(labels=labels, text=[s["text"] for s in kept], path=[s["path"] for s in kept])
+        return batch
+
+
 class SpeechRecognition(Objective):
     """CTC loss on ``Wav2Vec2ForCTC``; eval adds greedy-decoded WER/CER and one prediction per utterance."""
 
@@ -287,15 +306,11 @@ class SpeechRecognition(Objective):
         self.sample_rate = getattr(audio_collate, "sample_rate", 16000)
         self.base_model = base_model
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        batch: dict[str, Any] = self.audio_collate(samples, generator)
-        kept = [samples[i] for i in batch["kept"].tolist()]  # a skipped bad file takes its transcript along
-        ids = [encode(s["text"], self.vocab) for s in kept]
-        labels = torch.full((len(ids), max(len(x) for x in ids)), IGNORE_INDEX, dtype=torch.long)
-        for row, x in enumerate(ids):
-            labels[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        batch.update(labels=labels, text=[s["text"] for s in kept], path=[s["path"] for s in kept])
-        return batch
+    def collator(self) -> TranscriptCollator:
+        return TranscriptCollator(self.audio_collate, self.vocab)
+
+    def lower_is_better(self, metric: str) -> bool:
+        return lower_is_better_by_name(metric, (*LOWER_IS_BETTER, "wer", "cer"))
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": int(batch["input_values"].shape[0]),
@@ -319,18 +334,14 @@ class SpeechRecognition(Objective):
         model.save_pretrained(output_dir)
         self.processor.save_pretrained(output_dir)
 
-    def model_card_info(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {
-            "library_name": "transformers", "pipeline_tag": "automatic-speech-recognition", "method": self.name,
-            "card_metrics": ("wer", "cer"), "arch": cfg.model_type,
-            "size": f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "base_model": self.base_model, "fine_tuned": True, "auto_class": "AutoModelForCTC",
-            "usage": ("import soundfile as sf\n"
+    def model_card(self) -> ModelCardInfo:
+        return finetuned_card(
+            self.model, self.name, self.base_model, pipeline_tag="automatic-speech-recognition",
+            card_metrics=("wer", "cer"), auto_class="AutoModelForCTC",
+            usage=("import soundfile as sf\n"
                       "from transformers import pipeline\n\n"
                       'transcribe = pipeline("automatic-speech-recognition", model="{repo}")\n'
                       f'audio, rate = sf.read("speech.wav", dtype="float32")  # mono; resampled to {self.sample_rate} Hz\n'
                       'print(transcribe({"raw": audio, "sampling_rate": rate})["text"])'),
-        }
+        )
 

@@ -3,26 +3,35 @@ or the same architecture with fresh random weights (the from-scratch baseline of
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from multissl.errors import ConfigError, first_line
+from multissl.run_folder import find_model_folder, looks_local
+from multissl.training.objective import ModelCardInfo
 
 
 def resolve_model_dir(init_from: str) -> str:
-    """A run folder means its exported ``model/``; a local folder must exist; anything else is a Hub id."""
-    path = Path(init_from).expanduser()
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
-    if path.exists() or init_from.startswith((".", "/", "~")) or init_from.count("/") > 1:
-        if not path.is_dir():
-            raise ConfigError(f"model.init_from={init_from!r}: no such folder")
-        if not (path / "config.json").is_file():
-            hint = " (an open_clip model: it has no transformers config)" if (path / "open_clip_config.json").is_file() else ""
-            raise ConfigError(f"model.init_from={init_from!r}: no config.json in this folder{hint}; give a "
-                              "save_pretrained folder or a run's output_dir")
-        return str(path)
-    return init_from
+    """A run folder means its exported ``model/``; a local folder must hold a transformers model;
+    anything else is a Hub id."""
+    if not looks_local(init_from):
+        return init_from
+    try:
+        folder = find_model_folder(init_from).model_dir
+    except ConfigError as err:
+        raise ConfigError(f"model.init_from={init_from!r}: {err}") from None
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.init_from={init_from!r}: {folder} holds an open_clip model, which has no "
+                          f"transformers config; give a save_pretrained folder or a run's output_dir")
+    return str(folder)
+
+
+def finetuned_card(model: Any, method: str, base_model: str, **facts: Any) -> ModelCardInfo:
+    """The card record every fine-tuning task shares: a transformers model, its size, its start."""
+    cfg = model.config
+    return ModelCardInfo(method=method, library_name="transformers", arch=cfg.model_type,
+                         size=f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}",
+                         parameters=sum(p.numel() for p in model.parameters()), base_model=base_model,
+                         fine_tuned=True, **facts)
 
 
 def load_for_finetuning(auto_class: Any, init_from: str, random_init: bool, expected_types: tuple[str, ...] = (),

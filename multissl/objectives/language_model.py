@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from multissl.errors import ConfigError, first_line
-from multissl.objectives.base import Objective
+from multissl.training.objective import ModelCardInfo, Objective
 
 # hidden size, layers, attention heads, feed-forward size
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -97,6 +99,7 @@ class LanguageModelObjective(Objective):
     """MLM and CLM share padding, token counting, perplexity and saving."""
 
     pipeline_tag = ""
+    modality = "text"
 
     def __init__(self, model: Any, tokenizer: Any, arch: str, size: str) -> None:
         self.model = model
@@ -116,16 +119,14 @@ class LanguageModelObjective(Objective):
         model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
 
-    def probe_inputs(self) -> dict[str, Any]:
-        return {"modality": "text", "tokenizer": self.tokenizer}
+    def features(self, model: nn.Module, inputs: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        from multissl.models.features import text_features
 
-    def model_card_info(self) -> dict[str, Any]:
-        return {
-            "library_name": "transformers",
-            "pipeline_tag": self.pipeline_tag,
-            "card_metrics": ("loss", "perplexity", "masked_accuracy", "next_token_accuracy"),
-            "method": self.name,
-            "arch": self.arch,
-            "size": self.size,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-        }
+        return text_features(model, self.tokenizer, inputs, batch_size)
+
+    def model_card(self) -> ModelCardInfo:
+        return ModelCardInfo(
+            method=self.name, arch=self.arch, size=self.size, library_name="transformers",
+            pipeline_tag=self.pipeline_tag, card_metrics=("loss", "perplexity", "masked_accuracy", "next_token_accuracy"),
+            parameters=sum(p.numel() for p in self.model.parameters()),
+        )

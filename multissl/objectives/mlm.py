@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from multissl.data.masking import mask_tokens, pad_blocks, word_start_table
 from multissl.errors import ConfigError
 from multissl.metrics import Mean
 from multissl.objectives.language_model import LanguageModelObjective, TextModelConfig, build_model
+from multissl.training.objective import ModelCardInfo
 
 
 @dataclass
@@ -55,6 +56,30 @@ class MaskedPositionsOnly(nn.Module):
         return loss, logits, labels[target]
 
 
+@dataclass
+class MaskingCollator:
+    """Pads packed blocks and masks them (80/10/10 of ``mask_prob``) with the batch's generator."""
+
+    masking: MaskingConfig
+    pad_id: int
+    mask_id: int
+    vocab_size: int
+    special_ids: torch.Tensor
+    word_starts: torch.Tensor | None = None
+    """Whole-word masking: token id -> whether it starts a word."""
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, attention = pad_blocks(samples, self.pad_id)
+        maskable = ~torch.isin(ids, self.special_ids) & attention.bool()
+        m = self.masking
+        inputs, labels = mask_tokens(
+            ids, maskable, generator, mask_id=self.mask_id, vocab_size=self.vocab_size,
+            mask_prob=m.mask_prob, mask_frac=m.mask_token_frac, random_frac=m.random_token_frac,
+            word_starts=self.word_starts[ids] if self.word_starts is not None else None,
+        )
+        return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+
+
 class MaskedLM(LanguageModelObjective):
     name = "mlm"
     pipeline_tag = "fill-mask"
@@ -66,22 +91,13 @@ class MaskedLM(LanguageModelObjective):
             raise ConfigError(f"model.arch={model_cfg.arch!r} is not a masked LM; use bert or roberta")
         super().__init__(MaskedPositionsOnly(build_model(model_cfg, tokenizer, max_seq_len, AutoModelForMaskedLM)),
                          tokenizer, model_cfg.arch, model_cfg.size)
-        self.masking = masking
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer)
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.word_starts = word_start_table(tokenizer) if masking.whole_word else None
+        self._collator = MaskingCollator(
+            masking, self.pad_id, tokenizer.mask_token_id, len(tokenizer),
+            torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
+            word_start_table(tokenizer) if masking.whole_word else None)
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        ids, attention = pad_blocks(samples, self.pad_id)
-        maskable = ~torch.isin(ids, self.special_ids) & attention.bool()
-        m = self.masking
-        inputs, labels = mask_tokens(
-            ids, maskable, generator, mask_id=self.mask_id, vocab_size=self.vocab_size,
-            mask_prob=m.mask_prob, mask_frac=m.mask_token_frac, random_frac=m.random_token_frac,
-            word_starts=self.word_starts[ids] if self.word_starts is not None else None,
-        )
-        return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+    def collator(self) -> MaskingCollator:
+        return self._collator
 
     def compute(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         loss, logits, targets = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -97,13 +113,11 @@ class MaskedLM(LanguageModelObjective):
     def export(self, model: nn.Module) -> nn.Module:
         return model.mlm if isinstance(model, MaskedPositionsOnly) else model
 
-    def model_card_info(self) -> dict[str, Any]:
-        info = super().model_card_info()
+    def model_card(self) -> ModelCardInfo:
         mask = self.tokenizer.mask_token
-        info["usage"] = (
+        usage = (
             "from transformers import pipeline\n\n"
             f'fill = pipeline("fill-mask", model="{{repo}}")\n'
             f'print(fill("The {mask} statement raises an exception."))'
         )
-        info["auto_class"] = "AutoModelForMaskedLM"
-        return info
+        return replace(super().model_card(), usage=usage, auto_class="AutoModelForMaskedLM")

@@ -9,6 +9,7 @@ feature penalty of the paper, contrastive accuracy and a codebook-collapse guard
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from torch import nn
 
 from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
-from multissl.objectives.base import Objective
+from multissl.training.objective import ModelCardInfo, Objective
 
 # hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
 # with 2 x 64 its codes change almost every frame and stay unpredictable for a model this size.
@@ -179,10 +180,33 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
     return Wav2Vec2ForPreTraining(config)
 
 
+@dataclass
+class SpanMaskingCollator:
+    """Audio batches with span masks over their frames and distractor indices (in workers, seeded)."""
+
+    audio_collate: Any
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
+    mask_prob: float
+    mask_length: int
+    num_negatives: int
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.audio_collate(samples, generator)
+        frames = conv_output_lengths(batch["attention_mask"].sum(1), self.kernels, self.strides)
+        max_frames = int(conv_output_lengths(torch.tensor([batch["input_values"].shape[1]]), self.kernels, self.strides)[0])
+        mask = span_masks(frames, max_frames, self.mask_prob, self.mask_length, generator)
+        batch["mask_time_indices"] = mask
+        batch["sampled_negative_indices"] = sample_negatives(mask, self.num_negatives, generator)
+        batch["frame_lengths"] = frames
+        return batch
+
+
 class Wav2Vec2Pretraining(Objective):
     """Contrastive + diversity loss over masked frames; audio batches from an audio collator."""
 
     name = "wav2vec2"
+    modality = "audio"
 
     def __init__(self, model_cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig, audio_collate: Any,
                  feature_extractor: Any = None) -> None:
@@ -216,15 +240,9 @@ class Wav2Vec2Pretraining(Objective):
         self._features = output
         return output
 
-    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        batch = self.audio_collate(samples, generator)
-        frames = conv_output_lengths(batch["attention_mask"].sum(1), self.kernels, self.strides)
-        max_frames = int(conv_output_lengths(torch.tensor([batch["input_values"].shape[1]]), self.kernels, self.strides)[0])
-        mask = span_masks(frames, max_frames, self.loss_cfg.mask_prob, self.loss_cfg.mask_length, generator)
-        batch["mask_time_indices"] = mask
-        batch["sampled_negative_indices"] = sample_negatives(mask, self.loss_cfg.num_negatives, generator)
-        batch["frame_lengths"] = frames
-        return batch
+    def collator(self) -> SpanMaskingCollator:
+        return SpanMaskingCollator(self.audio_collate, self.kernels, self.strides, self.loss_cfg.mask_prob,
+                                   self.loss_cfg.mask_length, self.loss_cfg.num_negatives)
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         seconds = float(batch["attention_mask"].sum()) / self.sample_rate
@@ -326,19 +344,25 @@ class Wav2Vec2Pretraining(Objective):
         )
         extractor.save_pretrained(output_dir)
 
-    def probe_inputs(self) -> dict[str, Any]:
-        return {"modality": "audio", "feature_extractor": self.feature_extractor}
+    def features(self, model: nn.Module, inputs: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """Mean over valid frames; sampling rate, normalisation and mask use as the saved extractor has them."""
+        from multissl.models.features import audio_features
 
-    def model_card_info(self) -> dict[str, Any]:
-        return {
-            "library_name": "transformers", "pipeline_tag": "feature-extraction", "method": "wav2vec2",
-            "card_metrics": ("contrastive_accuracy", "contrastive_loss", "codevector_perplexity"),
-            "arch": "wav2vec2", "size": self.size, "parameters": sum(p.numel() for p in self.model.parameters()),
-            "auto_class": "Wav2Vec2Model",
-            "usage": ("from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model\n\n"
+        fe = self.feature_extractor
+        return audio_features(model, inputs, batch_size, sample_rate=getattr(fe, "sampling_rate", self.sample_rate),
+                              normalize=getattr(fe, "do_normalize", True),
+                              attention_mask=getattr(fe, "return_attention_mask", None))
+
+    def model_card(self) -> ModelCardInfo:
+        return ModelCardInfo(
+            library_name="transformers", pipeline_tag="feature-extraction", method="wav2vec2",
+            card_metrics=("contrastive_accuracy", "contrastive_loss", "codevector_perplexity"),
+            arch="wav2vec2", size=self.size, parameters=sum(p.numel() for p in self.model.parameters()),
+            auto_class="Wav2Vec2Model",
+            usage=("from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model\n\n"
                       'extractor = Wav2Vec2FeatureExtractor.from_pretrained("{repo}")\n'
                       'model = Wav2Vec2Model.from_pretrained("{repo}")\n'
                       "inputs = extractor(waveform_16khz, sampling_rate=16000, return_tensors=\"pt\")\n"
                       "hidden = model(**inputs).last_hidden_state"),
-        }
+        )
 

@@ -1,8 +1,10 @@
 """The one training loop, over Accelerate. It knows nothing about modalities.
 
-An objective (``multissl.objectives.base.Objective``) supplies the model, the collator and the
-batch -> losses function; the trainer supplies everything else: devices and mixed precision,
-accumulation, clipping, AdamW, schedules, evaluation, logging, and checkpoints that resume exactly.
+An objective (``multissl.training.objective.Objective``) supplies the model, the collator, the
+batch -> losses function, its units and its hooks; callbacks (probes, model card, Hub push) are
+attached by the recipe; the trainer supplies everything else: devices and mixed precision,
+accumulation, clipping, the optimizer and its schedules, evaluation, logging, and checkpoints that
+resume exactly.
 """
 
 from __future__ import annotations
@@ -14,198 +16,62 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from multissl import config as config_lib
-from multissl.data.loader import make_loader
 from multissl.errors import ConfigError, TrainingError, TrainingInterrupted
-from multissl.hub import HubConfig
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
-from multissl.objectives.base import Objective
-from multissl.probe import ProbeConfig
+from multissl.training.callbacks import Callback, Export
+from multissl.training.config import TrainerConfig
+from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
+from multissl.training.loader import make_loader
+from multissl.training.objective import Objective, TrainContext
+from multissl.training.optim import apply_schedules, build_optimizer, torch_groups
+from multissl.training.state import CHECKPOINTS, STATE_FILE, FitResult, TrainerState, list_checkpoints
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
 MODEL_DIR = "model"  # the exported model; with a best metric, the best evaluated one so far
 PREDICTIONS_FILE = "predictions.jsonl"  # the exported model's predictions on the eval split
-LOWER_IS_BETTER = ("loss", "wer", "cer", "perplexity", "error", "error_rate")
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (losses, error rates), by its name."""
-    return any(metric == m or metric.endswith(f"_{m}") for m in LOWER_IS_BETTER)
 SKIP_PREFIX = "skipped_"  # count units that are running totals of dropped bad inputs, not throughput
 
-
-@dataclass
-class TrainerConfig:
-    """Optimisation, logging and checkpointing; shared by every recipe."""
-
-    output_dir: str = "outputs/run"
-    seed: int = 0
-    max_steps: int = 0
-    """Optimizer steps to train for; 0 derives it from ``epochs`` (required for streaming data)."""
-    epochs: float = 1.0
-    batch_size: int = 16
-    """Per process and micro-batch; the effective batch is batch_size x grad_accum_steps x processes."""
-    eval_batch_size: int = 0
-    """0 = same as batch_size."""
-    grad_accum_steps: int = 1
-    lr: float = 5e-4
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    """Used when warmup_steps is 0: a fraction of max_steps."""
-    min_lr_ratio: float = 0.0
-    """The schedule decays to lr x min_lr_ratio."""
-    weight_decay: float = 0.01
-    """Applied to matrices only: never to biases or norm weights."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm; 0 disables clipping (the norm is still logged)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    cpu: bool = False
-    """Force CPU even when a GPU is present."""
-    tf32: bool = True
-    compile: bool = False
-    """torch.compile the model (GPU recommended)."""
-    gradient_checkpointing: bool = False
-    num_workers: int = 0
-    pin_memory: bool = True
-    log_every: int = 10
-    eval_every: int = 0
-    """Evaluate every N steps; 0 = only at the end."""
-    eval_max_batches: int = 0
-    """Cap eval batches per process; 0 = the whole eval split."""
-    save_every: int = 0
-    """Checkpoint every N steps; 0 = only at the end (and on SIGINT/SIGTERM)."""
-    keep_last: int = 2
-    resume: bool = True
-    """Resume from the newest checkpoint in output_dir when one exists."""
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Besides metrics.jsonl: any of tensorboard, wandb."""
-    wandb_project: str = "multissl"
-    max_nonfinite_steps: int = 5
-    """Stop with an error after this many non-finite losses in a row (each one is skipped)."""
-    progress_bar: bool = True
-    best_metric: str = ""
-    """The eval metric that picks which evaluated model is exported (lower is better for losses, error
-    rates, wer, cer and perplexity, higher for the rest); empty = the objective's choice (fine-tuning
-    tasks keep their best model by their headline metric; pretraining exports the last)."""
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    """A frozen-feature probe run at every evaluation (``trainer.probe.task=text-topics``, keywords,
-    shapes, or files), logged as ``probe/linear_acc``, ``probe/knn_acc`` and ``probe/chance``."""
-    hub: HubConfig = field(default_factory=HubConfig)
-    """Push the final model to the Hugging Face Hub (``trainer.hub.push=true trainer.hub.repo_id=NAME``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_max_batches", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps == 0 and self.epochs <= 0:
-            raise ConfigError("set trainer.max_steps or a positive trainer.epochs")
-        unknown = set(self.trackers) - {"tensorboard", "wandb"}
-        if unknown:
-            raise ConfigError(f"trainer.trackers: unknown tracker(s) {sorted(unknown)}; known: tensorboard, wandb")
+__all__ = ["FitResult", "MODEL_DIR", "Trainer", "TrainerConfig", "TrainerState", "list_checkpoints"]
 
 
-@dataclass
-class TrainerState:
-    """Where training stands; saved with every checkpoint."""
+class _Checkpointed:
+    """The objective's own state and its auxiliary modules, as one object Accelerate checkpoints."""
 
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    seen: dict[str, float] = field(default_factory=dict)
-    """Every unit an objective counts (samples, tokens, audio_seconds, ...), over all processes."""
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
-    train_seconds: float = 0.0
-    log_window: dict[str, list[float]] = field(default_factory=dict)
-    """Metric sums since the last log line (over processes), so logs after a resume match."""
-    rank_positions: list[list[int]] = field(default_factory=list)
-    """(epoch, batch_in_epoch) of every process: streamed shards can be consumed unevenly."""
-    best: dict[str, Any] = field(default_factory=dict)
-    """The best evaluation so far by ``best_metric``: ``{"step", "metric", "value", "metrics"}``."""
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
 
+    def state_dict(self) -> dict[str, Any]:
+        modules = {name: m.state_dict() for name, m in self.objective.auxiliary_modules().items()}
+        return {"objective": self.objective.state_dict(), "modules": modules}
 
-@dataclass
-class FitResult:
-    state: TrainerState
-    first_train_loss: float | None
-    final_metrics: dict[str, float]
-    history: list[dict[str, Any]]
-    model: nn.Module | None = None
-    """The model at the last step, unwrapped. The exported output_dir/model is the best evaluated
-    one when a best metric is tracked (see ``best_step``)."""
-    best_step: int | None = None
-    """The step whose model was exported, when a best metric picked it."""
-    best_metric: str = ""
-    """The eval metric that picked it (the objective's headline metric for fine-tuning tasks)."""
-    train_size: int | None = None
-    """Training examples (None for streams)."""
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only (not biases, norms or other vectors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
-    """Linear warm-up, then cosine/linear decay to ``min_ratio`` (or constant)."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a half-written one has no trainer_state.json)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state.get("objective", {}))
+        for name, module in self.objective.auxiliary_modules().items():
+            if name not in state.get("modules", {}):
+                raise TrainingError(f"the checkpoint has no state for the objective's module {name!r}")
+            module.load_state_dict(state["modules"][name])
 
 
 class Trainer:
-    """``Trainer(cfg).fit(objective, train_data, eval_data)``.
+    """``Trainer(cfg, run_config, callbacks).fit(objective, train_data, eval_data)``.
 
     Construct it before building the model: it seeds every RNG and sets up the devices.
     """
 
-    def __init__(self, cfg: TrainerConfig, run_config: Any = None) -> None:
+    def __init__(self, cfg: TrainerConfig, run_config: Any = None, callbacks: Sequence[Callback] = ()) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         self.cfg = cfg
         self.run_config = run_config
+        self.callbacks = list(callbacks)
         self.output_dir = Path(cfg.output_dir)
         trackers = self._trackers()
         # Accelerate keeps one state per process; a second run in the same process (the demo, a
@@ -237,6 +103,10 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
     def main_process_first(self) -> contextlib.AbstractContextManager:
         """Run data preparation on the main process first, so the others reuse its cache."""
@@ -296,8 +166,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> TrainerState:
         self.accelerator.load_state(str(path))
-        raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        state = TrainerState(**raw)
+        state = TrainerState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
         rank = self.accelerator.process_index
         if len(state.rank_positions) == self.accelerator.num_processes:  # same process count: own position
             state.epoch, state.batch_in_epoch = state.rank_positions[rank]
@@ -329,7 +198,7 @@ class Trainer:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
-    # ----------------------------------------------------------------------- fit
+    # ---------------------------------------------------------------------- setup
     def total_steps(self, train_data: Any, batches_per_epoch: int | None = None) -> int:
         """Optimizer steps: max_steps, or epochs x batches (this process's batches of the epoch)."""
         if not hasattr(train_data, "__len__"):
@@ -352,7 +221,7 @@ class Trainer:
         return make_loader(
             data,
             self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size),
-            objective.collate if train else objective.collate_eval,
+            objective.collator() if train else objective.eval_collator(),
             seed=self.cfg.seed,
             shuffle=train,
             drop_last=train,
@@ -361,6 +230,7 @@ class Trainer:
             split_tag=0 if train else 1,
             num_workers=self.cfg.num_workers,
             pin_memory=self.cfg.pin_memory and acc.device.type == "cuda",
+            multiprocessing_context=self.cfg.worker_start_method or None,
         )
 
     def _micro_batches(self, loader: Any, positioner: Any, state: TrainerState) -> Iterator[Any]:
@@ -377,48 +247,52 @@ class Trainer:
             state.epoch += 1
             state.batch_in_epoch = 0
 
-    def fit(self, objective: Objective, train_data: Any, eval_data: Any = None) -> FitResult:
-        cfg, acc = self.cfg, self.accelerator
-        train_loader, train_pos = self._loader(objective, train_data, train=True)
-        eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
-        total = self.total_steps(train_data, _len_or_none(train_loader))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    def _enable_gradient_checkpointing(self, objective: Objective) -> None:
+        inner = objective.export(objective.model)
+        # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing")
+        enable()
 
-        model = objective.model
-        best_name = cfg.best_metric or getattr(objective, "best_metric", "")
-        if best_name and eval_loader is None:
-            best_name = ""  # nothing to compare: the last model is exported
+    def _prepare_auxiliary(self, objective: Objective) -> None:
+        """Auxiliary modules: on the device, untrained, rank 0's values everywhere, never in the model."""
+        trained = {id(p) for p in objective.model.parameters()}
+        for name, module in objective.auxiliary_modules().items():
+            if any(id(p) in trained for p in module.parameters()):
+                raise ConfigError(f"{objective.name}: auxiliary module {name!r} shares parameters with the trained "
+                                  "model; keep teachers and queues outside objective.model")
+            module.to(self.device)
+            module.requires_grad_(False)
+            broadcast_module(module)
+
+    def _prepare(self, objective: Objective, total: int, warmup: int, steps_per_epoch: int | None):
+        """The model wrapped for the devices, its optimizer, and the objective told the run's shape."""
+        cfg, acc = self.cfg, self.accelerator
         if cfg.gradient_checkpointing:
-            inner = objective.export(model)
-            # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
-            enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
-            if enable is None:
-                raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing")
-            enable()
-        optimizer = torch.optim.AdamW(
-            decay_groups(model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=cfg.adam_betas,
-            eps=cfg.adam_eps,
-            fused=acc.device.type == "cuda",
-        )
-        # The scheduler is stepped by us once per optimizer step (Accelerate's wrapper would step it
-        # once per process); it is registered so save_state/load_state keep it.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total, cfg.min_lr_ratio))
-        model, optimizer = acc.prepare(model, optimizer)
+            self._enable_gradient_checkpointing(objective)
+        groups = torch_groups(objective.param_groups(objective.model), objective.model)
+        optimizer = build_optimizer(cfg, groups, acc.device)
+        model, optimizer = acc.prepare(objective.model, optimizer)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.__class__ = AttributeForwardingDDP
         if cfg.compile:
             model = torch.compile(model)
-        acc.register_for_checkpointing(scheduler)
-        acc.register_for_checkpointing(objective)
+        self._prepare_auxiliary(objective)
+        acc.register_for_checkpointing(_Checkpointed(objective))
+        objective.setup(TrainContext(total_steps=total, steps_per_epoch=steps_per_epoch, warmup_steps=warmup,
+                                     world_size=acc.num_processes, rank=acc.process_index, device=acc.device,
+                                     gather=gather_with_grad))
+        return model, optimizer
 
-        metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
-        state = TrainerState()
+    def _resume(self, metrics_log: JsonlWriter, total: int) -> TrainerState:
         checkpoints = list_checkpoints(self.output_dir)
-        if checkpoints and not cfg.resume:
+        if checkpoints and not self.cfg.resume:
             raise ConfigError(
                 f"{self.output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); "
                 "use another trainer.output_dir, or trainer.resume=true to continue it"
             )
+        state = TrainerState()
         if checkpoints:
             state = self._load_checkpoint(checkpoints[-1])
             self.print(f"resuming from {checkpoints[-1]} (step {state.step}/{total})")
@@ -426,7 +300,23 @@ class Trainer:
                 metrics_log.truncate_after(state.step)
         elif self.is_main and metrics_log.path.exists():
             metrics_log.path.unlink()
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        return state
+
+    # ----------------------------------------------------------------------- fit
+    def fit(self, objective: Objective, train_data: Any, eval_data: Any = None) -> FitResult:
+        cfg, acc = self.cfg, self.accelerator
+        train_loader, train_pos = self._loader(objective, train_data, train=True)
+        eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
+        batches_per_epoch = _len_or_none(train_loader)
+        total = self.total_steps(train_data, batches_per_epoch)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+        best_name = (cfg.best_metric or objective.best_metric) if eval_loader is not None else ""
+        model, optimizer = self._prepare(objective, total, warmup,
+                                         batches_per_epoch // cfg.grad_accum_steps if batches_per_epoch else None)
+
+        metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl")
+        state = self._resume(metrics_log, total)
         if acc.trackers == [] and cfg.trackers:
             acc.init_trackers("multissl", config=_flat_hparams(self.run_config))
 
@@ -448,24 +338,13 @@ class Trainer:
             disable=not (self.is_main and cfg.progress_bar), desc=objective.name,
         )
         first_loss: float | None = None
-        final_metrics: dict[str, float] = {}
+        final_metrics: dict[str, Any] = {}
         batches = self._micro_batches(train_loader, train_pos, state)
         window = MetricSums()
         if self.is_main:  # the saved sums are already totals over processes
             window.load_state_dict(state.log_window)
         window_start = time.perf_counter()
-        units = sorted({"samples", "tokens", *state.seen})
-        unsynced = dict.fromkeys(units, 0.0)  # this process's counts since the last sync
-
-        def sync_counts() -> None:
-            totals = torch.tensor([unsynced[u] for u in units], dtype=torch.float64, device=acc.device)
-            if acc.num_processes > 1:
-                totals = acc.reduce(totals, reduction="sum")
-            for u, v in zip(units, totals.tolist()):
-                state.seen[u] = state.seen.get(u, 0.0) + v
-                unsynced[u] = 0.0
-            state.samples_seen, state.tokens_seen = int(state.seen["samples"]), int(state.seen["tokens"])
-
+        counter = _UnitCounter(state, acc)
         seen_at_window_start = dict(state.seen)
         model.train()
 
@@ -474,67 +353,25 @@ class Trainer:
                 log(self._evaluate(objective, model, eval_loader, tag="eval")[0])
             while state.step < total:
                 step_start = time.perf_counter()
-                nonfinite_loss = torch.zeros((), device=acc.device)
-                for _ in range(cfg.grad_accum_steps):
-                    batch = next(batches)
-                    counts = objective.count(batch)
-                    for u, v in counts.items():
-                        if u not in unsynced:  # a unit first seen now: all processes see it in batch 1
-                            units.append(u)
-                            unsynced[u] = 0.0
-                        unsynced[u] += v
-                    batch = _to_device(batch, acc.device)
-                    with acc.accumulate(model), acc.autocast():
-                        out = objective.compute(model, batch)
-                        loss = self._backward_loss(out["loss"])
-                        nonfinite_loss += (~torch.isfinite(loss.detach())).float()
-                        acc.backward(loss)
-                    window.add(out)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                grad_norm_f = float(grad_norm) if grad_norm is not None else float("nan")
-                if acc.num_processes > 1:
-                    nonfinite_loss = acc.reduce(nonfinite_loss, reduction="sum")
-                bad = bool(nonfinite_loss.item() > 0) or (cfg.mixed_precision != "fp16" and not math.isfinite(grad_norm_f))
-                if bad:
-                    state.nonfinite_in_a_row += 1
-                    state.nonfinite_total += 1
-                    if acc.scaler is not None:  # fp16: grads were unscaled; lower the scale and re-arm
-                        acc.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.print(f"warning: non-finite loss/gradients at step {state.step + 1}; step skipped "
-                               f"({state.nonfinite_in_a_row} in a row)")
-                    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"loss was non-finite for {state.nonfinite_in_a_row} steps in a row (step {state.step + 1}); "
-                            "try a lower trainer.lr, trainer.max_grad_norm=1.0 or mixed_precision=bf16 instead of fp16"
-                        )
-                else:
-                    state.nonfinite_in_a_row = 0
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.step += 1
+                step_log = self._train_step(objective, model, optimizer, batches, counter, window, state, total, warmup)
                 state.train_seconds += time.perf_counter() - step_start
-                extra = objective.on_step_end(state.step)
                 bar.update(1)
 
                 if state.step % cfg.log_every == 0 or state.step == total:
                     means = window.reduce(acc)
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    sync_counts()
+                    counter.sync()
                     done = {u: v - seen_at_window_start.get(u, 0.0) for u, v in state.seen.items()}
                     seen_at_window_start = dict(state.seen)
                     record = {f"train/{k}": v for k, v in means.items() if not k.startswith("_")}  # _name: pooled for eval only
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
                     record.update({
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": grad_norm_f,
-                        "train/epoch": state.epoch + state.batch_in_epoch / max(1, _len_or_zero(train_loader)),
+                        **{f"train/{k}": v for k, v in step_log.items()},
+                        "train/epoch": state.epoch + state.batch_in_epoch / max(1, batches_per_epoch or 0),
                         **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items()
                            if not u.startswith(SKIP_PREFIX) and (v > 0 or u == "samples")},
                         **{f"data/{u}": v for u, v in state.seen.items() if u.startswith(SKIP_PREFIX) and v > 0},
-                        **{f"train/{k}": v for k, v in extra.items()},
                     })
                     if state.nonfinite_total:
                         record["train/nonfinite_steps"] = state.nonfinite_total
@@ -544,7 +381,7 @@ class Trainer:
                         record["train/warning"] = warning
                     log(record)
                     bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4f}",
-                                    sps=f"{record['throughput/samples_per_s']:.1f}")
+                                    sps=f"{record.get('throughput/samples_per_s', float('nan')):.1f}")
                     window_start = time.perf_counter()
 
                 is_last = state.step == total
@@ -554,10 +391,10 @@ class Trainer:
                     self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, is_last)
                     window_start = time.perf_counter()
                 if (cfg.save_every and state.step % cfg.save_every == 0) or is_last:
-                    sync_counts()
+                    counter.sync()
                     self._save_checkpoint(state, window)
                 if not is_last and self._should_stop():
-                    sync_counts()
+                    counter.sync()
                     path = self._save_checkpoint(state, window)
                     bar.close()
                     acc.end_training()
@@ -566,9 +403,9 @@ class Trainer:
                         "Run the same command again to resume."
                     )
         bar.close()
-        for unit, total in state.seen.items():
-            if unit.startswith(SKIP_PREFIX) and total > 0:
-                self.print(f"warning: {unit.removeprefix(SKIP_PREFIX).replace('_', ' ')}: {int(total)} skipped during "
+        for unit, count in state.seen.items():
+            if unit.startswith(SKIP_PREFIX) and count > 0:
+                self.print(f"warning: {unit.removeprefix(SKIP_PREFIX).replace('_', ' ')}: {int(count)} skipped during "
                            "training (all workers and processes; the first few are named above)")
         if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
             final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
@@ -583,11 +420,60 @@ class Trainer:
                 state.best = {}
             else:
                 final_metrics = state.best["metrics"]
-        self._export(objective, model, state, final_metrics, history, best_step)
+        self._export(objective, model, state, final_metrics, best_step)
         acc.end_training()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
                          self._exported(objective, model), best_step, best_name,
-                         len(train_data) if hasattr(train_data, "__len__") else None)
+                         len(train_data) if hasattr(train_data, "__len__") else None,
+                         objective.lower_is_better(best_name) if best_name else False)
+
+    def _train_step(self, objective: Objective, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterator[Any], counter: _UnitCounter, window: MetricSums, state: TrainerState,
+                    total: int, warmup: int) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; a non-finite loss or gradient
+        skips the update (weights, optimizer state and EMA modules stay as they were). Returns the
+        step's values to log (lr, weight decay, grad norm, the objective's)."""
+        cfg, acc = self.cfg, self.accelerator
+        scheduled = apply_schedules(optimizer, cfg, state.step, total, warmup)
+        nonfinite_loss = torch.zeros((), device=acc.device)
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            counter.add(objective.count(batch))
+            batch = _to_device(batch, acc.device)
+            with acc.accumulate(model), acc.autocast():
+                out = objective.compute(model, batch)
+                loss = self._backward_loss(out["loss"])
+                nonfinite_loss += (~torch.isfinite(loss.detach())).float()
+                acc.backward(loss)
+            window.add(out)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm_f = float(grad_norm) if grad_norm is not None else float("nan")
+        if acc.num_processes > 1:
+            nonfinite_loss = acc.reduce(nonfinite_loss, reduction="sum")
+        extra: dict[str, float] = {}
+        if bool(nonfinite_loss.item() > 0) or (cfg.mixed_precision != "fp16" and not math.isfinite(grad_norm_f)):
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            if acc.scaler is not None:  # fp16: grads were unscaled; lower the scale and re-arm
+                acc.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            self.print(f"warning: non-finite loss/gradients at step {state.step + 1}; step skipped "
+                       f"({state.nonfinite_in_a_row} in a row)")
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"loss was non-finite for {state.nonfinite_in_a_row} steps in a row (step {state.step + 1}); "
+                    "try a lower trainer.lr, trainer.max_grad_norm=1.0 or mixed_precision=bf16 instead of fp16"
+                )
+            state.step += 1
+        else:
+            state.nonfinite_in_a_row = 0
+            objective.before_optimizer_step(model, state.step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            extra.update(objective.after_optimizer_step(model, state.step))
+        extra.update(objective.on_step_end(state.step))
+        return {**scheduled, "grad_norm": grad_norm_f, **extra}
 
     def _backward_loss(self, loss: Any) -> torch.Tensor:
         """The loss to differentiate. A ``Mean`` is normalised by its count over all processes
@@ -608,16 +494,19 @@ class Trainer:
         (``compute`` may return a ``predictions`` list in eval mode), gathered on the main process."""
         acc = self.accelerator
         model.eval()
-        # Evaluate the unwrapped module: processes may get unequal numbers of eval batches, and a
-        # DDP forward could otherwise start collectives that the other processes never join.
-        inner = acc.unwrap_model(model)
+        # ``compute`` gets the same (wrapped) model as in training. Processes may get unequal numbers
+        # of eval batches: a DDP forward under no_grad starts no gradient collectives, and its buffer
+        # broadcast is turned off here, so no process waits for another.
+        ddp = _ddp_of(model)
+        if ddp is not None:
+            ddp.require_forward_param_sync = False
         sums = MetricSums()
         predictions: list[dict[str, Any]] = []
         for i, batch in enumerate(loader):
             if self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches:
                 break
             with acc.autocast():
-                out = objective.compute(inner, _to_device(batch, acc.device))
+                out = objective.compute(model, _to_device(batch, acc.device))
             predictions.extend(out.pop("predictions", None) or [])
             sums.add(out)
         means = objective.summarize(sums.reduce(acc))
@@ -627,14 +516,10 @@ class Trainer:
 
             predictions = gather_object(predictions)
         if self.is_main:
-            extras = objective.on_evaluate(self._exported(objective, model))
-            record.update({f"{tag}/{k}": v for k, v in extras.items()})
-            inputs = objective.probe_inputs() if self.cfg.probe.task else None
-            if inputs is not None:
-                from multissl.probe import probe_module
-
-                probed = probe_module(self._exported(objective, model), cfg=self.cfg.probe, device=acc.device, **inputs)
-                record.update({f"probe/{k}": v for k, v in probed.items()})
+            exported = self._exported(objective, model)
+            record.update({f"{tag}/{k}": v for k, v in objective.on_evaluate(exported).items()})
+            for callback in self.callbacks:
+                record.update(callback.on_evaluate(self, objective, exported))
         if acc.num_processes > 1:  # every process decides about the best model from the same record
             from accelerate.utils import broadcast_object_list
 
@@ -658,7 +543,7 @@ class Trainer:
             known = sorted(k.split("/", 1)[1] for k, v in record.items() if isinstance(v, (int, float)))
             raise ConfigError(f"trainer.best_metric={best_name!r} is not an eval metric of {objective.name} "
                               f"(or is not finite); eval metrics: {', '.join(known)}")
-        lower = lower_is_better(best_name)
+        lower = objective.lower_is_better(best_name)
         best = state.best.get("value")
         if best is not None and not (value < best if lower else value > best):
             return
@@ -680,37 +565,53 @@ class Trainer:
         return objective.export(getattr(unwrapped, "_orig_mod", unwrapped))
 
     def _export(self, objective: Objective, model: nn.Module, state: TrainerState, final_metrics: dict[str, Any],
-                history: list[dict[str, Any]], kept_step: int | None = None) -> None:
+                kept_step: int | None = None) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        export = Export(self.output_dir / MODEL_DIR, self.output_dir, state, final_metrics, self.run_config,
+                        self.output_dir / "metrics.jsonl")
         if self.is_main:
-            out = self.output_dir / MODEL_DIR
             if kept_step is not None and kept_step != state.step:  # model/ was written when it was the best
                 self.print(f"exported the model of step {kept_step}, the best by eval/{state.best['metric']} "
                            f"({state.best['value']:.4g})")
             else:
-                objective.save_pretrained(self._exported(objective, model), out)
-            from multissl.hub import write_model_card
-
-            write_model_card(out, objective, state, final_metrics, self.run_config, self.output_dir / "metrics.jsonl")
+                objective.save_pretrained(self._exported(objective, model), export.model_dir)
+            for callback in self.callbacks:
+                callback.on_export(self, objective, export)
         acc.wait_for_everyone()
-        if self.is_main and self.cfg.hub.push:  # after the barrier: the other processes need not wait for it
-            self._push()
+        if self.is_main:  # after the barrier: the other processes need not wait for uploads
+            for callback in self.callbacks:
+                callback.on_fit_end(self, objective, export)
 
-    def _push(self) -> None:
-        """Upload the exported model. A failure is a one-line warning, never a failed run: the model is
-        saved, and ``multissl push`` can upload it later."""
-        from multissl.hub import push_failure_warning, push_to_hub
 
-        hub = self.cfg.hub
-        try:
-            result = push_to_hub(self.output_dir, hub.repo_id, private=hub.private, revision=hub.revision,
-                                 commit_message=hub.commit_message, exist_ok=True)
-        except Exception as err:  # whatever went wrong, the trained model must not be lost to it
-            self.print(push_failure_warning(err, hub, self.output_dir))
-            return
-        what = f"commit {result.commit[:10]}" if result.changed else "unchanged, no new commit"
-        self.print(f"pushed {self.output_dir / 'model'} to {result.url} (branch {result.revision}, {what})")
+class _UnitCounter:
+    """This process's counts of every unit since the last sync, summed over processes into ``state.seen``."""
+
+    def __init__(self, state: TrainerState, accelerator: Any) -> None:
+        self.state, self.accelerator = state, accelerator
+        self.units = sorted({"samples", *state.seen})
+        self.unsynced = dict.fromkeys(self.units, 0.0)
+
+    def add(self, counts: dict[str, float]) -> None:
+        for unit, value in counts.items():
+            if unit not in self.unsynced:  # a unit first seen now: all processes see it in batch 1
+                self.units.append(unit)
+                self.unsynced[unit] = 0.0
+            self.unsynced[unit] += value
+
+    def sync(self) -> None:
+        acc = self.accelerator
+        totals = torch.tensor([self.unsynced[u] for u in self.units], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        for unit, value in zip(self.units, totals.tolist()):
+            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + value
+            self.unsynced[unit] = 0.0
+
+
+def _ddp_of(model: nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -721,15 +622,14 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors inside dicts, lists and tuples (views of several sizes) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _len_or_zero(loader: Any) -> int:
-    return _len_or_none(loader) or 0
 
 
 def _len_or_none(loader: Any) -> int | None:

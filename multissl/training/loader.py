@@ -184,6 +184,7 @@ def make_loader(
     split_tag: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    multiprocessing_context: str | None = None,
 ) -> tuple[DataLoader, Any]:
     """A DataLoader over ``data`` and the object whose ``set_epoch(epoch, start_batch)`` positions it.
 
@@ -202,6 +203,7 @@ def make_loader(
     }
     if num_workers > 0:
         common["prefetch_factor"] = 4
+        common["multiprocessing_context"] = multiprocessing_context
     kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
     if hasattr(data, "make_stream"):  # e.g. streamed audio: its own batching of the stream
         stream = data.make_stream(batch_size=batch_size, **kw)

@@ -1,0 +1,1 @@
+"""Model builders and encoder adapters: features of in-memory and saved models."""

@@ -1,0 +1,108 @@
+"""Saved models as encoders: a folder is loaded as its ecosystem does (open_clip ``local-dir:``,
+transformers ``AutoModel``) and paired with the feature function of its modality.
+
+The kinds are tried in order (``SAVED_ENCODERS``); a folder none of them takes (a ViT saved by
+transformers, before an image adapter exists) is a one-line error naming its model type, never a
+text model asked for a tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from multissl.errors import ConfigError, first_line
+from multissl.models import features as F
+from multissl.run_folder import find_model_folder
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from multissl.training.objective import Modality
+
+AUDIO_MODEL_TYPES = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
+OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2",
+                    "gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "modernbert", "albert", "mpnet")
+
+
+@dataclass
+class SavedEncoder:
+    """A saved model and how to turn inputs (texts, audio, images or their paths) into features."""
+
+    modality: Modality
+    folder: Path
+    model: nn.Module
+    featurize: Callable[[nn.Module, Sequence[Any], int, Any], torch.Tensor]
+
+    def features(self, inputs: Sequence[Any], batch_size: int = 32, device: Any = None) -> torch.Tensor:
+        return self.featurize(self.model, inputs, batch_size, device)
+
+
+def _open_clip(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+    if not all((folder / f).is_file() for f in OPEN_CLIP_FILES):
+        return None
+    import open_clip
+
+    from multissl.logs import quiet_root_logger
+
+    with quiet_root_logger():
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    return SavedEncoder("image", folder, model, lambda m, xs, bs, dev: F.image_features(m, preprocess, xs, bs, dev))
+
+
+def _audio(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+    if config is None or config.get("model_type") not in AUDIO_MODEL_TYPES:
+        return None
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    fe = AutoFeatureExtractor.from_pretrained(folder) if (folder / "preprocessor_config.json").is_file() else None
+    kwargs = {"sample_rate": getattr(fe, "sampling_rate", 16000), "normalize": getattr(fe, "do_normalize", True),
+              "attention_mask": getattr(fe, "return_attention_mask", None)}
+    return SavedEncoder("audio", folder, AutoModel.from_pretrained(folder),
+                        lambda m, xs, bs, dev: F.audio_features(m, xs, bs, dev, **kwargs))
+
+
+def _text(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+    if config is None or config.get("model_type") not in TEXT_MODEL_TYPES:
+        return None
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{folder}: a text model needs its tokenizer saved beside it ({first_line(err)})") from None
+    return SavedEncoder("text", folder, model, lambda m, xs, bs, dev: F.text_features(m, tokenizer, xs, bs, dev))
+
+
+SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _audio, _text]
+"""Each returns an encoder for a folder it recognises, else None; image families add theirs here."""
+
+
+def load_saved_encoder(path: str | Path) -> SavedEncoder:
+    """The encoder saved in a run's output_dir (its ``model/``) or a model folder."""
+    folder = find_model_folder(path).model_dir
+    config = None
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
+    if config is not None and not config.get("model_type"):
+        raise ConfigError(f"{folder}: cannot load the model (its config.json names no model_type)")
+    for kind in SAVED_ENCODERS:
+        try:
+            encoder = kind(folder, config)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{folder}: cannot load the model ({first_line(err)})") from None
+        if encoder is not None:
+            return encoder
+    model_type = (config or {}).get("model_type", "unknown")
+    raise ConfigError(f"{folder}: no feature extractor for a {model_type!r} model yet (multissl takes features of "
+                      f"open_clip models, {', '.join(AUDIO_MODEL_TYPES[:1])}-style audio models and text models)")

@@ -1,0 +1,69 @@
+"""The optimizer over the objective's parameter groups, and the per-step lr / weight-decay update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from multissl.errors import ConfigError
+from multissl.training.config import TrainerConfig
+from multissl.training.objective import ParamGroup
+from multissl.training.schedules import cosine_schedule, lr_factor
+
+
+def torch_groups(groups: list[ParamGroup], model: nn.Module) -> list[dict[str, Any]]:
+    """Each objective group split into matrices (decayed) and vectors (biases, norms: never decayed).
+
+    Every parameter of ``model`` that requires a gradient must be in exactly one group."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    seen: dict[int, str] = {}
+    out = []
+    for g in groups:
+        for p in g.params:
+            if id(p) in seen:
+                raise ConfigError(f"a parameter is in two optimizer groups ({seen[id(p)]!r} and {g.name!r})")
+            if id(p) not in trainable:
+                raise ConfigError(f"optimizer group {g.name!r} holds a parameter that is not a trainable part of the model")
+            seen[id(p)] = g.name
+        for kind, params, wd_mult in (("decay", [p for p in g.params if p.ndim >= 2], g.wd_multiplier),
+                                      ("no_decay", [p for p in g.params if p.ndim < 2], 0.0)):
+            if params:
+                out.append({"params": params, "name": f"{g.name}/{kind}", "lr_multiplier": g.lr_multiplier,
+                            "wd_multiplier": wd_mult, "fixed_lr": g.fixed_lr})
+    missing = len(trainable) - len(seen)
+    if missing:
+        raise ConfigError(f"{missing} trainable parameter(s) of the model are in no optimizer group")
+    return out
+
+
+def build_optimizer(cfg: TrainerConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU), SGD with momentum, or timm's LARS; lr and weight decay are set per step."""
+    for g in groups:
+        g["lr"], g["weight_decay"] = cfg.lr * g["lr_multiplier"], cfg.weight_decay * g["wd_multiplier"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=device.type == "cuda")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    from timm.optim import Lars
+
+    # timm's Lars adapts only groups with weight decay, so biases and norms keep plain SGD steps
+    return Lars(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, trust_coeff=cfg.lars_trust_coefficient)
+
+
+def weight_decay_at(cfg: TrainerConfig, step: int, total: int) -> float:
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    return cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, step: int, total: int,
+                    warmup: int) -> dict[str, float]:
+    """Set every group's lr and weight decay for the update at ``step`` (0-based); returns the base values."""
+    lr = cfg.lr * lr_factor(cfg.lr_schedule, step, warmup, total, cfg.min_lr_ratio)
+    wd = weight_decay_at(cfg, step, total)
+    for g in optimizer.param_groups:
+        g["lr"] = (cfg.lr if g.get("fixed_lr") else lr) * g.get("lr_multiplier", 1.0)
+        g["weight_decay"] = wd * g.get("wd_multiplier", 1.0)
+    return {"lr": lr, "weight_decay": wd}
