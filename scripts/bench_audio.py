@@ -56,8 +56,9 @@ MIN_MASKS = 2  # the example leaves min_masks at 0; immaterial here: a >= 1 s ut
 # ----------------------------------------------------------------------------- shared set-up
 def _configs(max_seconds: float, max_batch_samples: int) -> tuple[Any, Any, Any]:
     """Data, model and loss settings of the tiny preset (recipes/configs/wav2vec2/tiny.yaml), dropout off."""
-    from multissl import config
     from multissl_recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
+
+    from multissl import config
 
     cfg = config.load(
         Wav2Vec2Config,
@@ -78,8 +79,9 @@ def warmup_steps(steps: int) -> int:
 
 def _recipe_trainer(output_dir: str, steps: int) -> Any:
     """The tiny preset's trainer settings (lr, betas, eps, schedule, clipping), made short and quiet."""
-    from multissl import config
     from multissl_recipes.wav2vec2 import DEFAULT_CONFIG, Wav2Vec2Config
+
+    from multissl import config
 
     return replace(
         config.load(Wav2Vec2Config, [], DEFAULT_CONFIG).trainer,
@@ -107,7 +109,7 @@ def _evaluate(objective: Any, held_out: Any) -> dict[str, float]:
     loader, _ = make_loader(
         held_out,
         0,
-        objective.collate_eval,
+        objective.eval_collator(),
         seed=SEED,
         shuffle=False,
         drop_last=False,

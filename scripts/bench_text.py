@@ -53,7 +53,7 @@ def _evaluate(objective: Any, model: Any, eval_data: Any) -> float:
     from multissl.metrics import MetricSums
     from multissl.training.loader import make_loader
 
-    loader, _ = make_loader(eval_data, BATCH, objective.collate_eval, seed=SEED, shuffle=False, drop_last=False,
+    loader, _ = make_loader(eval_data, BATCH, objective.eval_collator(), seed=SEED, shuffle=False, drop_last=False,
                             rank=0, world_size=1, split_tag=1)
     sums = MetricSums()
     model.eval()
@@ -86,7 +86,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         trainer = Trainer(TrainerConfig(output_dir=out, max_steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP,
                                         seed=SEED, trackers=[], progress_bar=False, log_every=10**9, cpu=True))
         objective = _objective(recipe, data.tokenizer)
-        collate = objective.collate
+        collate = objective.collator()
 
         def counting_collate(samples, generator):
             batch = collate(samples, generator)
@@ -95,10 +95,9 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
             pad[1] += n
             return batch
 
-        objective.collate = counting_collate
+        objective.collator = lambda: counting_collate  # count training batches only (workers: none here)
         objective.on_step_end = lambda step: stamps.append(time.perf_counter()) or {}
         trainer.fit(objective, data.train, None)
-        objective.collate = collate  # count training batches only
     elif side == "hf_trainer":
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -127,16 +126,17 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         Trainer(model=objective.export(objective.model), args=args, train_dataset=data.train,
                 data_collator=collator, callbacks=[Stamp()]).train()
     else:
-        from multissl.training.trainer import decay_groups, lr_lambda
-
         from multissl.training.loader import make_loader
+        from multissl.training.schedules import lr_factor
 
         set_seed(SEED)
         objective = _objective(recipe, data.tokenizer)
         model = objective.model
-        opt = torch.optim.AdamW(decay_groups(model, 0.01), lr=LR)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", WARMUP, steps, 0.0))
-        loader, pos = make_loader(data.train, BATCH, objective.collate, seed=SEED, shuffle=True, drop_last=True,
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                 {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, WARMUP, steps, 0.0))
+        loader, pos = make_loader(data.train, BATCH, objective.collator(), seed=SEED, shuffle=True, drop_last=True,
                                   rank=0, world_size=1, split_tag=0)
         model.train()
         step, epoch = 0, 0
