@@ -343,9 +343,8 @@ class Trainer:
         window = MetricSums()
         if self.is_main:  # the saved sums are already totals over processes
             window.load_state_dict(state.log_window)
-        window_start = time.perf_counter()
         counter = _UnitCounter(state, acc)
-        seen_at_window_start = dict(state.seen)
+        log_window = _LogWindow(self, objective, window, counter, state, warmup)
         model.train()
 
         with self._signals():
@@ -358,38 +357,19 @@ class Trainer:
                 bar.update(1)
 
                 if state.step % cfg.log_every == 0 or state.step == total:
-                    means = window.reduce(acc)
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    counter.sync()
-                    done = {u: v - seen_at_window_start.get(u, 0.0) for u, v in state.seen.items()}
-                    seen_at_window_start = dict(state.seen)
-                    record = {f"train/{k}": v for k, v in means.items() if not k.startswith("_")}  # _name: pooled for eval only
+                    record = log_window.record(step_log, batches_per_epoch)
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
-                    record.update({
-                        **{f"train/{k}": v for k, v in step_log.items()},
-                        "train/epoch": state.epoch + state.batch_in_epoch / max(1, batches_per_epoch or 0),
-                        **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items()
-                           if not u.startswith(SKIP_PREFIX) and (v > 0 or u == "samples")},
-                        **{f"data/{u}": v for u, v in state.seen.items() if u.startswith(SKIP_PREFIX) and v > 0},
-                    })
-                    if state.nonfinite_total:
-                        record["train/nonfinite_steps"] = state.nonfinite_total
-                    warning = objective.on_log(means, state.step, warmup)
-                    if warning:
-                        self.print(f"warning: {warning}")
-                        record["train/warning"] = warning
                     log(record)
                     bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4f}",
                                     sps=f"{record.get('throughput/samples_per_s', float('nan')):.1f}")
-                    window_start = time.perf_counter()
 
                 is_last = state.step == total
                 if eval_loader is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
                     final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
                     log(final_metrics)
                     self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, is_last)
-                    window_start = time.perf_counter()
+                    log_window.restart_clock()  # evaluation time is not training throughput
                 if (cfg.save_every and state.step % cfg.save_every == 0) or is_last:
                     counter.sync()
                     self._save_checkpoint(state, window)
@@ -410,22 +390,27 @@ class Trainer:
         if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
             final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
             self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, True)
-        best_step = None
-        if best_name and state.best:
-            best_step = state.best["step"]
-            if best_step != state.step and not (self.output_dir / MODEL_DIR).is_dir():
-                self.print(f"warning: the best model (step {best_step}) is no longer in {self.output_dir / MODEL_DIR}; "
-                           "exporting the last one instead")
-                best_step = None
-                state.best = {}
-            else:
-                final_metrics = state.best["metrics"]
+        best_step = self._kept_best_step(state, best_name)
+        if best_step is not None:
+            final_metrics = state.best["metrics"]
         self._export(objective, model, state, final_metrics, best_step)
         acc.end_training()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
                          self._exported(objective, model), best_step, best_name,
                          len(train_data) if hasattr(train_data, "__len__") else None,
                          objective.lower_is_better(best_name) if best_name else False)
+
+    def _kept_best_step(self, state: TrainerState, best_name: str) -> int | None:
+        """The step of the best model kept in output_dir/model, or None when the last is exported."""
+        if not (best_name and state.best):
+            return None
+        step = state.best["step"]
+        if step != state.step and not (self.output_dir / MODEL_DIR).is_dir():
+            self.print(f"warning: the best model (step {step}) is no longer in {self.output_dir / MODEL_DIR}; "
+                       "exporting the last one instead")
+            state.best = {}
+            return None
+        return step
 
     def _train_step(self, objective: Objective, model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterator[Any], counter: _UnitCounter, window: MetricSums, state: TrainerState,
@@ -582,6 +567,45 @@ class Trainer:
         if self.is_main:  # after the barrier: the other processes need not wait for uploads
             for callback in self.callbacks:
                 callback.on_fit_end(self, objective, export)
+
+
+class _LogWindow:
+    """The training record of one log interval: metric means, the step's schedules, throughput of
+    every counted unit, running totals of skipped inputs, and the objective's warnings."""
+
+    def __init__(self, trainer: Trainer, objective: Objective, sums: MetricSums, counter: _UnitCounter,
+                 state: TrainerState, warmup: int) -> None:
+        self.trainer, self.objective, self.sums, self.counter = trainer, objective, sums, counter
+        self.state, self.warmup = state, warmup
+        self.seen_at_start = dict(state.seen)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def record(self, step_log: dict[str, float], batches_per_epoch: int | None) -> dict[str, Any]:
+        state = self.state
+        means = self.sums.reduce(self.trainer.accelerator)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.counter.sync()
+        done = {u: v - self.seen_at_start.get(u, 0.0) for u, v in state.seen.items()}
+        self.seen_at_start = dict(state.seen)
+        record = {f"train/{k}": v for k, v in means.items() if not k.startswith("_")}  # _name: pooled for eval only
+        record.update({
+            **{f"train/{k}": v for k, v in step_log.items()},
+            "train/epoch": state.epoch + state.batch_in_epoch / max(1, batches_per_epoch or 0),
+            **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items()
+               if not u.startswith(SKIP_PREFIX) and (v > 0 or u == "samples")},
+            **{f"data/{u}": v for u, v in state.seen.items() if u.startswith(SKIP_PREFIX) and v > 0},
+        })
+        if state.nonfinite_total:
+            record["train/nonfinite_steps"] = state.nonfinite_total
+        warning = self.objective.on_log(means, state.step, self.warmup)
+        if warning:
+            self.trainer.print(f"warning: {warning}")
+            record["train/warning"] = warning
+        self.restart_clock()
+        return record
 
 
 class _UnitCounter:
