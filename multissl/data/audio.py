@@ -25,6 +25,7 @@ import torch
 from multissl.data.demo import heldout_mask
 from multissl.data.files import expand_files
 from multissl.data.loader import DatasetView, ShardedBatches, batch_seed
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
@@ -350,15 +351,7 @@ def _load_dataset_source(cfg: AudioDataConfig) -> dict[str, list[Any]]:
     """Columns of a Hub/local dataset: ``path`` (a file or a name for embedded bytes), maybe ``bytes``."""
     import datasets
 
-    try:
-        local = Path(cfg.dataset).expanduser()
-        if local.is_dir() and (local / "state.json").is_file():  # a save_to_disk folder
-            ds = datasets.load_from_disk(str(local))
-            ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split)
     if cfg.audio_column not in ds.column_names:
         raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} (columns: {', '.join(ds.column_names)}); set data.audio_column")
     if isinstance(ds.features[cfg.audio_column], datasets.Audio):

@@ -30,7 +30,8 @@ from multissl.data.audio import (
     duration_batches,
 )
 from multissl.data.loader import batch_seed
-from multissl.errors import DataError, first_line
+from multissl.data.sources import open_dataset
+from multissl.errors import DataError
 
 
 class AudioStream:
@@ -114,14 +115,7 @@ def _rows_from_manifest(path: Path, cfg: AudioDataConfig) -> Any:
 def _rows_from_dataset(cfg: AudioDataConfig) -> Any:
     import datasets
 
-    local = Path(cfg.dataset).expanduser()
-    try:
-        if local.is_dir() and (local / "state.json").is_file():  # a save_to_disk folder
-            ds = datasets.load_from_disk(str(local)).to_iterable_dataset(num_shards=8)
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=True)
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split, streaming=True)
     if ds.features is not None:
         if cfg.audio_column not in ds.features:
             raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} "

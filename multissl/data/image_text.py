@@ -32,6 +32,7 @@ import torch
 
 from multissl.data.demo import heldout_mask
 from multissl.data.loader import DatasetView
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
@@ -533,23 +534,7 @@ def _open_dataset(cfg: ImageTextDataConfig, streaming: bool) -> Any:
     an ``Image`` column cast to undecoded ``{"bytes", "path"}`` and its columns checked."""
     import datasets
 
-    local = Path(cfg.dataset).expanduser()
-    try:
-        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                if cfg.split not in ds:
-                    raise DataError(f"data.dataset={cfg.dataset!r}: no split {cfg.split!r} (splits: {', '.join(ds)}); "
-                                    "set data.split")
-                ds = ds[cfg.split]
-            if streaming:
-                ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 8)))
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=streaming)
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split, streaming=streaming)
     columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
     where = f"data.dataset={cfg.dataset!r}"
     if cfg.image_column not in columns:

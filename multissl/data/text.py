@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multissl.data.files import expand_files
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -141,13 +142,7 @@ def naming_bad_files(files: list[Path], what: str) -> Iterator[None]:
 
 
 def load_hub(cfg: TextDataConfig, split: str) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split, streaming=cfg.streaming)
-    except Exception as err:
-        msg = first_line(err)
-        raise DataError(f"data.dataset={cfg.dataset!r} split {split!r}: {msg}") from None
+    return open_dataset(cfg.dataset, split=split, config_name=cfg.dataset_config, streaming=cfg.streaming)
 
 
 def _check_column(ds: Any, column: str, source: str) -> None:
