@@ -43,7 +43,6 @@ TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio"
 DEFAULT_TASK: dict[str, str] = {modality: task for task, modality in TASK_MODALITY.items()}
 KNN_TEMPERATURE = 0.07  # DINO's weighted-kNN temperature
 HELDOUT_FRACTION = 0.2  # eval share when a task has no eval split of its own
-TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 AUDIO_MODEL_TYPES = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 _CACHE_SIZE = 4
@@ -471,15 +470,11 @@ def _shapes_data(cfg: ProbeConfig) -> ProbeData:
 
 def _read_table(path: Path) -> Any:
     """One labelled file as a `datasets.Dataset`, or a DataError naming it."""
-    import datasets
-
-    from multissl.data.text import naming_bad_files
+    from multissl.data.files import read_files
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    with naming_bad_files([path], "probe.files"):
-        ds = datasets.load_dataset(TABLE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
+    ds = read_files([path], "probe.files")
     if len(ds) == 0:
         raise DataError(f"{path}: holds no rows")
     return ds
@@ -522,11 +517,11 @@ def _file_rows(path: Path, cfg: ProbeConfig, modality: Modality) -> tuple[list[t
 
 
 def _files_data(cfg: ProbeConfig, modality: Modality) -> ProbeData:
-    from multissl.data.files import expand_files
+    from multissl.data.files import TABLE_FILES, expand_files
 
     def read(paths: list[str], key: str) -> tuple[list[tuple[Any, Any]], list[str]]:
         rows, keys = [], []
-        for f in expand_files(paths, TABLE_BUILDERS, key):
+        for f in expand_files(paths, TABLE_FILES, key):
             r, k = _file_rows(f, cfg, modality)
             rows += r
             keys += k

@@ -202,15 +202,19 @@ def _write_manifest(tmp_path: Path, kind: str, rows: list[dict]) -> Path:
     path = tmp_path / f"manifest.{kind}"
     if kind == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(path))
     else:
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if kind == "tsv" else ",")
             w.writeheader()
             w.writerows(rows)
     return path
 
 
-@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "parquet"])
 def test_manifest_relative_paths_and_errors(tmp_path: Path, kind: str) -> None:
     (tmp_path / "clips").mkdir()
     rows = []

@@ -1,4 +1,5 @@
-"""`open_dataset`: save_to_disk folders (of a Dataset or a DatasetDict), bad folders, Hub ids."""
+"""`open_dataset`: save_to_disk folders (of a Dataset or a DatasetDict), bad folders, Hub ids; and the
+one table of file types with `read_files`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from pathlib import Path
 import datasets
 import pytest
 
+from multissl.data.files import (
+    AUDIO_FILES,
+    BUILDERS,
+    IMAGE_TABLE_FILES,
+    MANIFEST_FILES,
+    TABLE_FILES,
+    TEXT_FILES,
+    check_table,
+    read_files,
+)
 from multissl.data.sources import looks_like_path, open_dataset
 from multissl.errors import DataError
 
@@ -91,3 +102,39 @@ def test_hub_id_goes_to_load_dataset_with_its_config(monkeypatch: pytest.MonkeyP
 ])
 def test_what_looks_like_a_path(name: str, is_path: bool) -> None:
     assert looks_like_path(name) is is_path
+
+
+# ------------------------------------------------------------------------------- files
+def test_every_source_takes_the_types_it_took() -> None:
+    assert set(TABLE_FILES) == {".csv", ".tsv", ".jsonl", ".json", ".parquet"} == set(MANIFEST_FILES)
+    assert set(TEXT_FILES) == set(TABLE_FILES) | {".txt", ".text"}
+    assert set(IMAGE_TABLE_FILES) == set(TABLE_FILES) - {".parquet"}
+    assert set(AUDIO_FILES) == {".wav", ".flac", ".ogg", ".mp3"}
+    assert set(TEXT_FILES) == set(BUILDERS), "every table or text type has a builder"
+
+
+@pytest.mark.parametrize(("name", "body", "tabs"), [
+    ("t.tsv", "text\tlabel\na, b\tx\n", None),  # a .tsv is tab-separated: the comma stays in the text
+    ("t.csv", "text\tlabel\na, b\tx\n", True),  # a tab-separated .csv, when the caller says so
+    ("t.csv", "text,label\n\"a, b\",x\n", None),
+    ("t.jsonl", '{"text": "a, b", "label": "x"}\n', None),
+])
+def test_read_files_picks_the_builder_and_separator(tmp_path: Path, name: str, body: str, tabs: bool | None) -> None:
+    (tmp_path / name).write_text(body)
+    ds = read_files([tmp_path / name], "data.files", tabs=tabs)
+    assert ds.column_names == ["text", "label"] and ds[0] == {"text": "a, b", "label": "x"}
+
+
+def test_read_files_and_check_table_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("text\nx\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    with pytest.raises(DataError, match=r"^data.files: mixes file types \(.csv, .jsonl\); use one kind per corpus$"):
+        read_files([tmp_path / "a.csv", tmp_path / "b.jsonl"], "data.files")
+    (tmp_path / "bad.jsonl").write_text('{"text": "unterminated\n')
+    with pytest.raises(DataError, match=r"^data.manifest: could not read .*bad\.jsonl: "):
+        read_files([tmp_path / "bad.jsonl"], "data.manifest")
+    with pytest.raises(DataError, match=r"^data.csv: no such file: .*gone\.csv$"):
+        check_table(tmp_path / "gone.csv", IMAGE_TABLE_FILES, "data.csv")
+    (tmp_path / "t.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unsupported file type '.parquet'; use one of .csv, .json, .jsonl, .tsv$"):
+        check_table(tmp_path / "t.parquet", IMAGE_TABLE_FILES, "data.csv")

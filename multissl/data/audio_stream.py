@@ -140,10 +140,9 @@ def _rows_from_dataset(cfg: AudioDataConfig) -> Any:
 def _rows_from_files(cfg: AudioDataConfig) -> Any:
     import datasets
 
-    from multissl.data.audio import AUDIO_EXTS
-    from multissl.data.files import expand_files
+    from multissl.data.files import AUDIO_FILES, expand_files
 
-    paths = [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_EXTS)]
+    paths = [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_FILES)]
     return datasets.Dataset.from_dict({"path": paths}).to_iterable_dataset(num_shards=min(len(paths), 8))
 
 

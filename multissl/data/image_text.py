@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from multissl.data.demo import heldout_mask
+from multissl.data.files import BUILDERS, IMAGE_TABLE_FILES, check_table, read_files
 from multissl.data.loader import DatasetView
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 
-TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_IMAGE_KEY = "file_name"  # imagefolder's column naming each image, relative to the metadata file
 CAPTION_FALLBACKS = ("captions", "caption", "text")  # metadata columns tried when caption_key is absent
@@ -366,18 +366,9 @@ def _label_column(columns: list[str], cfg: ImageTextDataConfig, where: str) -> s
 
 # ------------------------------------------------------------------------------- tables: csv and imagefolder metadata
 def _read_table(path: Path, what: str, streaming: bool = False) -> Any:
-    import datasets
-
-    from multissl.data.text import naming_bad_files
-
-    if not path.is_file():
-        raise DataError(f"{what}: no such file: {path}")
-    builder = TABLE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{what}: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
-    kwargs = {"sep": "\t"} if builder == "csv" and _tab_separated(path) else {}
-    with naming_bad_files([path], what):
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+    check_table(path, IMAGE_TABLE_FILES, what)
+    tabs = BUILDERS[path.suffix.lower()] == "csv" and _tab_separated(path)
+    return read_files([path], what, streaming=streaming, tabs=tabs)
 
 
 def _tab_separated(path: Path) -> bool:
@@ -470,7 +461,7 @@ def metadata_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_file():
-            if p.suffix.lower() not in TABLE_BUILDERS:
+            if p.suffix.lower() not in IMAGE_TABLE_FILES:
                 raise DataError(f"data.files: {p}: expected an image folder with metadata.jsonl or metadata.csv, "
                                 "or such a metadata file")
             out.append(p)

@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from multissl.data.files import expand_files
+from multissl.data.files import TABLE_FILES, expand_files
 from multissl.data.labels import LabelMap, infer_label_map, is_missing, stratified_subset, warn_skipped
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError
-
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -72,7 +70,7 @@ class LabelledText:
 def _load_table(files: list[str], what: str) -> Any:
     from multissl.data.text import load_files
 
-    paths = expand_files(files, TABLE_BUILDERS, what)
+    paths = expand_files(files, TABLE_FILES, what)
     return load_files(paths, None, what, streaming=False), ", ".join(files)
 
 
