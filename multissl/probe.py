@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from multissl.data.labels import is_missing
+from multissl.data.labels import LabelMap, class_label_names, is_label_id, is_missing, sorted_names
 from multissl.errors import ConfigError, DataError, first_line
 
 if TYPE_CHECKING:  # torch and numpy load inside the functions: building the CLI's parser stays instant
@@ -367,15 +367,13 @@ class ProbeData:
 
 def _class_names(values: Sequence[Any]) -> tuple[list[str], Callable[[Any], int]]:
     """Sorted distinct labels (integers numerically, names alphabetically) and value -> id."""
-    import numpy as np
-
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+    if all(is_label_id(v) for v in values):
         ints = sorted({int(v) for v in values})
         lookup = {v: i for i, v in enumerate(ints)}
         return [str(v) for v in ints], lambda v: lookup[int(v)]
-    names = sorted({str(v).strip() for v in values})
-    lookup_names = {v: i for i, v in enumerate(names)}
-    return names, lambda v: lookup_names[str(v).strip()]
+    names = sorted_names(values)
+    lookup_names = LabelMap(names).label2id
+    return list(names), lambda v: lookup_names[str(v).strip()]
 
 
 def _capped(n: int, limit: int, seed: int, salt: int) -> np.ndarray:
@@ -495,7 +493,7 @@ def _file_rows(path: Path, cfg: ProbeConfig, modality: Modality) -> tuple[list[t
         source_col = _column(ds, path, [cfg.text_column], "probe.text_column")
     else:
         source_col = _column(ds, path, [cfg.path_column, "file_name"], "probe.path_column")
-    names = getattr(ds.features[label_col], "names", None)  # a ClassLabel column: use its names
+    names = class_label_names(ds.features[label_col])  # a ClassLabel column: use its names
     rows, keys, empty = [], [], 0
     for n, row in enumerate(ds, start=1):
         source, label = row[source_col], row[label_col]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import math
 import random
 import warnings
 import zlib
@@ -32,6 +31,7 @@ import torch
 
 from multissl.data.demo import heldout_mask
 from multissl.data.files import BUILDERS, IMAGE_TABLE_FILES, check_table, read_files
+from multissl.data.labels import LabelMap, class_label_names, clean_label, sorted_names
 from multissl.data.loader import DatasetView
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
@@ -308,36 +308,22 @@ def captions_of(value: Any) -> list[str]:
     return [c.strip() for c in value if isinstance(c, str) and c.strip()]
 
 
-def _clean_label(value: Any) -> int | str | None:
-    """A label as an int or a name; None when missing (CSV readers turn empty cells into NaN)."""
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    text = str(value).strip()
-    return text or None
-
-
 def _label_scheme(values: list[Any], feature: Any = None) -> tuple[list[str] | None, dict[str, int] | None]:
     """``(classnames, name -> id)``: a ``ClassLabel``'s names (values are already ids), the sorted
     distinct names of a column of strings, or ``(None, None)`` for bare integer ids."""
-    import datasets
-
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names), None
-    present = [v for v in map(_clean_label, values) if v is not None]
+    names = class_label_names(feature)
+    if names is not None:
+        return list(names), None
+    present = [v for v in map(clean_label, values) if v is not None]
     if all(isinstance(v, int) for v in present):
         return None, None
-    names = sorted({str(v) for v in present})
-    return names, {n: i for i, n in enumerate(names)}
+    names = sorted_names(present)
+    return list(names), LabelMap(names).label2id
 
 
 def _label_id(value: Any, index: dict[str, int] | None) -> int:
-    v = _clean_label(value)
+    """A row's class id for zero-shot eval; a missing or unknown label is -1 (no class), not an error."""
+    v = clean_label(value)
     if v is None:
         return -1
     if index is None:
@@ -672,9 +658,9 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
 
     if cfg.dataset:
         raw = _open_dataset(cfg, streaming=True)
-        feature = raw.features.get(cfg.label_column) if raw.features is not None else None
-        classnames, index = (list(feature.names), None) if isinstance(feature, datasets.ClassLabel) else (None, None)
-        make = _dataset_row_maker(cfg, index, check_files=False)
+        names = class_label_names(raw.features.get(cfg.label_column)) if raw.features is not None else None
+        classnames = list(names) if names is not None else None
+        make = _dataset_row_maker(cfg, None, check_files=False)  # ClassLabel values are ids already
         rows = raw.map(lambda row, i: {k: v for k, v in make(row, i).items() if k != "_key"}, with_indices=True,
                        remove_columns=list(raw.features) if raw.features is not None else None)
         rows, source = rows.select_columns(ROW_COLUMNS), cfg.dataset
@@ -683,7 +669,7 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
 
         tables, metadata, source = _tables(cfg)
         classnames = list(CLASSNAMES) if not cfg.csv and not cfg.files else None  # the demo's classes are known
-        index = {n: i for i, n in enumerate(classnames)} if classnames else None
+        index = LabelMap(tuple(classnames)).label2id if classnames else None
         parts = [_stream_table(t, cfg, metadata, index) for t in tables]
         rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     rows = rows.filter(lambda r: bool(r["captions"]) and bool(r["path"]))
