@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from multissl.data.labels import is_missing
+from multissl.data.labels import LabelMap, class_label_names, is_label_id, is_missing, sorted_names
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.training.objective import Modality
 
@@ -43,7 +43,6 @@ TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio"
 DEFAULT_TASK: dict[str, str] = {modality: task for task, modality in TASK_MODALITY.items()}
 KNN_TEMPERATURE = 0.07  # DINO's weighted-kNN temperature
 HELDOUT_FRACTION = 0.2  # eval share when a task has no eval split of its own
-TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _CACHE_SIZE = 4
 
 
@@ -202,15 +201,13 @@ class ProbeData:
 
 def _class_names(values: Sequence[Any]) -> tuple[list[str], Callable[[Any], int]]:
     """Sorted distinct labels (integers numerically, names alphabetically) and value -> id."""
-    import numpy as np
-
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+    if all(is_label_id(v) for v in values):
         ints = sorted({int(v) for v in values})
         lookup = {v: i for i, v in enumerate(ints)}
         return [str(v) for v in ints], lambda v: lookup[int(v)]
-    names = sorted({str(v).strip() for v in values})
-    lookup_names = {v: i for i, v in enumerate(names)}
-    return names, lambda v: lookup_names[str(v).strip()]
+    names = sorted_names(values)
+    lookup_names = LabelMap(names).label2id
+    return list(names), lambda v: lookup_names[str(v).strip()]
 
 
 def _capped(n: int, limit: int, seed: int, salt: int) -> np.ndarray:
@@ -305,15 +302,11 @@ def _shapes_data(cfg: ProbeConfig) -> ProbeData:
 
 def _read_table(path: Path) -> Any:
     """One labelled file as a `datasets.Dataset`, or a DataError naming it."""
-    import datasets
-
-    from multissl.data.text import naming_bad_files
+    from multissl.data.files import read_files
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    with naming_bad_files([path], "probe.files"):
-        ds = datasets.load_dataset(TABLE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
+    ds = read_files([path], "probe.files")
     if len(ds) == 0:
         raise DataError(f"{path}: holds no rows")
     return ds
@@ -334,7 +327,7 @@ def _file_rows(path: Path, cfg: ProbeConfig, modality: Modality) -> tuple[list[t
         source_col = _column(ds, path, [cfg.text_column], "probe.text_column")
     else:
         source_col = _column(ds, path, [cfg.path_column, "file_name"], "probe.path_column")
-    names = getattr(ds.features[label_col], "names", None)  # a ClassLabel column: use its names
+    names = class_label_names(ds.features[label_col])  # a ClassLabel column: use its names
     rows, keys, empty = [], [], 0
     for n, row in enumerate(ds, start=1):
         source, label = row[source_col], row[label_col]
@@ -356,11 +349,11 @@ def _file_rows(path: Path, cfg: ProbeConfig, modality: Modality) -> tuple[list[t
 
 
 def _files_data(cfg: ProbeConfig, modality: Modality) -> ProbeData:
-    from multissl.data.files import expand_files
+    from multissl.data.files import TABLE_FILES, expand_files
 
     def read(paths: list[str], key: str) -> tuple[list[tuple[Any, Any]], list[str]]:
         rows, keys = [], []
-        for f in expand_files(paths, TABLE_BUILDERS, key):
+        for f in expand_files(paths, TABLE_FILES, key):
             r, k = _file_rows(f, cfg, modality)
             rows += r
             keys += k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -201,15 +202,19 @@ def _write_manifest(tmp_path: Path, kind: str, rows: list[dict]) -> Path:
     path = tmp_path / f"manifest.{kind}"
     if kind == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(path))
     else:
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if kind == "tsv" else ",")
             w.writeheader()
             w.writerows(rows)
     return path
 
 
-@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "parquet"])
 def test_manifest_relative_paths_and_errors(tmp_path: Path, kind: str) -> None:
     (tmp_path / "clips").mkdir()
     rows = []
@@ -262,6 +267,29 @@ def test_dataset_source_with_embedded_bytes(tmp_path: Path) -> None:
     assert held is not None and len(train) + len(held) == 4 and "label" in train.column_names
     batch = train.collator()([train[i] for i in range(len(train))], torch.Generator())
     assert batch["input_values"].shape[0] == len(train)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dataset_dict_folder_is_read_by_split(tmp_path: Path, streaming: bool) -> None:
+    """A folder saved from a DatasetDict (the split is picked), streamed with fewer rows than shards."""
+    from datasets import Dataset, DatasetDict
+
+    from multissl.data.audio_stream import stream_audio
+
+    files = {split: [tmp_path / f"{split}{i}.wav" for i in range(3)] for split in ("train", "test")}
+    for f in files["train"] + files["test"]:
+        sf.write(f, _tone(1.5), SR)
+    DatasetDict({split: Dataset.from_dict({"audio": [str(f) for f in fs]}) for split, fs in files.items()}
+                ).save_to_disk(str(tmp_path / "dd"))
+    cfg = AudioDataConfig(dataset=str(tmp_path / "dd"), split="test", validation_fraction=0.0,
+                          streaming=streaming)
+    if streaming:
+        paths = [r["path"] for r in stream_audio(cfg)[0].source]
+    else:
+        paths = list(load_utterances(cfg)[0]["path"])
+    assert sorted(Path(p).resolve() for p in paths) == [f.resolve() for f in files["test"]]
+    with pytest.raises(DataError, match=r"has no split 'dev' \(splits: train, test\)"):
+        (stream_audio if streaming else load_utterances)(dataclasses.replace(cfg, split="dev"))
 
 
 # ------------------------------------------------------------------------------- streaming

@@ -73,8 +73,23 @@ def test_grad_accumulation_matches_big_batch(tmp_path: Path) -> None:
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:
-    result, toy = fit(tmp_path, {"nan_at_steps": {3}}, max_steps=10)
+    """Step 3's loss is NaN: its update is skipped whole (no NaN step, and no momentum or weight-decay
+    step on zeroed gradients either), so the weights after it are those after step 2, to the bit."""
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    toy = Toy(nan_at_steps={3})
+
+    def keep(step: int) -> None:  # called at each step's end, after the update (or the skip)
+        weights[step] = {k: v.detach().clone() for k, v in toy.model.state_dict().items()}
+
+    toy.hook = keep
+    data = toy_data()
+    result = Trainer(cfg(tmp_path, max_steps=10)).fit(toy, data[:224], data[224:])
     assert result.state.nonfinite_total == 1
+    assert sorted(weights) == list(range(1, 11))
+    for name, before in weights[2].items():
+        assert torch.equal(weights[3][name], before), f"{name} moved in the skipped step"
+    assert any(not torch.equal(weights[4][k], weights[3][k]) for k in weights[3]), "training goes on after it"
+    assert any(not torch.equal(weights[2][k], weights[1][k]) for k in weights[1]), "steps before it trained"
     assert all(torch.isfinite(p).all() for p in toy.model.parameters())
 
 

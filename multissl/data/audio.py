@@ -22,12 +22,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from multissl.data.files import expand_files
+from multissl.data.files import AUDIO_FILES, MANIFEST_FILES, check_table, expand_files, read_files
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.training.loader import DatasetView, ShardedBatches, batch_seed
 
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
-MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 OPTIONAL_COLUMNS = ("transcript", "speaker", "label")
 SILENCE_PEAK = 1e-4  # |sample| peak below this (-80 dBFS, ~3 LSB of 16-bit) = a silent file
 NAMED_IN_WARNINGS = 3
@@ -40,7 +39,8 @@ class AudioDataConfig:
     files: list[str] = field(default_factory=list)
     """Audio files or folders (searched recursively) of .wav .flac .ogg .mp3."""
     manifest: str = ""
-    """A .csv/.tsv/.jsonl with a path column (relative to the manifest) and optional transcript/speaker/label."""
+    """A .csv/.tsv/.jsonl/.json/.parquet with a path column (relative to the manifest) and optional
+    transcript/speaker/label."""
     dataset: str = ""
     """A Hub dataset id or local dataset folder whose audio column holds bytes or paths."""
     split: str = "train"
@@ -309,25 +309,14 @@ class AudioDataset(DatasetView):
 
 # ------------------------------------------------------------------------------- loading
 def read_manifest(path: Path, streaming: bool) -> Any:
-    """A manifest (.csv/.tsv/.jsonl) through `datasets`, or a `DataError` naming what is wrong with it."""
-    import datasets
-
-    if not path.is_file():
-        raise DataError(f"data.manifest: no such file: {path}")
-    builder = MANIFEST_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"data.manifest: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
-    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+    """A manifest (a table file) through `datasets`, or a `DataError` naming what is wrong with it."""
+    check_table(path, MANIFEST_FILES, "data.manifest")
+    return read_files([path], "data.manifest", streaming=streaming)
 
 
 def _load_manifest(path: Path, cfg: AudioDataConfig) -> dict[str, list[Any]]:
     """Columns of a manifest, paths made absolute; a missing file is an error naming its row."""
-
-    from multissl.data.text import naming_bad_files
-
-    with naming_bad_files([path], "data.manifest"):
-        ds = read_manifest(path, streaming=False)
+    ds = read_manifest(path, streaming=False)
     if cfg.path_column not in ds.column_names:
         raise DataError(f"{path}: no column {cfg.path_column!r} (columns: {', '.join(ds.column_names)}); set data.path_column")
     base = path.parent
@@ -349,15 +338,7 @@ def _load_dataset_source(cfg: AudioDataConfig) -> dict[str, list[Any]]:
     """Columns of a Hub/local dataset: ``path`` (a file or a name for embedded bytes), maybe ``bytes``."""
     import datasets
 
-    try:
-        local = Path(cfg.dataset).expanduser()
-        if local.is_dir() and (local / "state.json").is_file():  # a save_to_disk folder
-            ds = datasets.load_from_disk(str(local))
-            ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split)
     if cfg.audio_column not in ds.column_names:
         raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} (columns: {', '.join(ds.column_names)}); set data.audio_column")
     if isinstance(ds.features[cfg.audio_column], datasets.Audio):
@@ -398,7 +379,8 @@ def load_utterances(cfg: AudioDataConfig) -> tuple[Any, str]:
     import datasets
 
     if cfg.files:
-        cols, source = {"path": [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_EXTS)]}, ", ".join(cfg.files)
+        paths = [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_FILES)]
+        cols, source = {"path": paths}, ", ".join(cfg.files)
     elif cfg.dataset:
         cols, source = _load_dataset_source(cfg), cfg.dataset
     else:

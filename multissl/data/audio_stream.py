@@ -29,7 +29,8 @@ from multissl.data.audio import (
     _probe,
     duration_batches,
 )
-from multissl.errors import DataError, first_line
+from multissl.data.sources import open_dataset
+from multissl.errors import DataError
 from multissl.training.loader import batch_seed
 
 
@@ -114,14 +115,7 @@ def _rows_from_manifest(path: Path, cfg: AudioDataConfig) -> Any:
 def _rows_from_dataset(cfg: AudioDataConfig) -> Any:
     import datasets
 
-    local = Path(cfg.dataset).expanduser()
-    try:
-        if local.is_dir() and (local / "state.json").is_file():  # a save_to_disk folder
-            ds = datasets.load_from_disk(str(local)).to_iterable_dataset(num_shards=8)
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=True)
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split, streaming=True)
     if ds.features is not None:
         if cfg.audio_column not in ds.features:
             raise DataError(f"data.dataset={cfg.dataset!r}: no column {cfg.audio_column!r} "
@@ -146,10 +140,9 @@ def _rows_from_dataset(cfg: AudioDataConfig) -> Any:
 def _rows_from_files(cfg: AudioDataConfig) -> Any:
     import datasets
 
-    from multissl.data.audio import AUDIO_EXTS
-    from multissl.data.files import expand_files
+    from multissl.data.files import AUDIO_FILES, expand_files
 
-    paths = [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_EXTS)]
+    paths = [str(f.resolve()) for f in expand_files(cfg.files, AUDIO_FILES)]
     return datasets.Dataset.from_dict({"path": paths}).to_iterable_dataset(num_shards=min(len(paths), 8))
 
 

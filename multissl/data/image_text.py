@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import math
 import random
 import warnings
 import zlib
@@ -31,10 +30,12 @@ import numpy as np
 import torch
 
 from multissl.data.demo import heldout_mask
+from multissl.data.files import BUILDERS, IMAGE_TABLE_FILES, check_table, read_files
+from multissl.data.labels import LabelMap, class_label_names, clean_label, sorted_names
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.training.loader import DatasetView
 
-TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_IMAGE_KEY = "file_name"  # imagefolder's column naming each image, relative to the metadata file
 CAPTION_FALLBACKS = ("captions", "caption", "text")  # metadata columns tried when caption_key is absent
@@ -307,36 +308,22 @@ def captions_of(value: Any) -> list[str]:
     return [c.strip() for c in value if isinstance(c, str) and c.strip()]
 
 
-def _clean_label(value: Any) -> int | str | None:
-    """A label as an int or a name; None when missing (CSV readers turn empty cells into NaN)."""
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    text = str(value).strip()
-    return text or None
-
-
 def _label_scheme(values: list[Any], feature: Any = None) -> tuple[list[str] | None, dict[str, int] | None]:
     """``(classnames, name -> id)``: a ``ClassLabel``'s names (values are already ids), the sorted
     distinct names of a column of strings, or ``(None, None)`` for bare integer ids."""
-    import datasets
-
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names), None
-    present = [v for v in map(_clean_label, values) if v is not None]
+    names = class_label_names(feature)
+    if names is not None:
+        return list(names), None
+    present = [v for v in map(clean_label, values) if v is not None]
     if all(isinstance(v, int) for v in present):
         return None, None
-    names = sorted({str(v) for v in present})
-    return names, {n: i for i, n in enumerate(names)}
+    names = sorted_names(present)
+    return list(names), LabelMap(names).label2id
 
 
 def _label_id(value: Any, index: dict[str, int] | None) -> int:
-    v = _clean_label(value)
+    """A row's class id for zero-shot eval; a missing or unknown label is -1 (no class), not an error."""
+    v = clean_label(value)
     if v is None:
         return -1
     if index is None:
@@ -365,18 +352,9 @@ def _label_column(columns: list[str], cfg: ImageTextDataConfig, where: str) -> s
 
 # ------------------------------------------------------------------------------- tables: csv and imagefolder metadata
 def _read_table(path: Path, what: str, streaming: bool = False) -> Any:
-    import datasets
-
-    from multissl.data.text import naming_bad_files
-
-    if not path.is_file():
-        raise DataError(f"{what}: no such file: {path}")
-    builder = TABLE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{what}: {path}: unsupported type {path.suffix!r}; use .csv, .tsv or .jsonl")
-    kwargs = {"sep": "\t"} if builder == "csv" and _tab_separated(path) else {}
-    with naming_bad_files([path], what):
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+    check_table(path, IMAGE_TABLE_FILES, what)
+    tabs = BUILDERS[path.suffix.lower()] == "csv" and _tab_separated(path)
+    return read_files([path], what, streaming=streaming, tabs=tabs)
 
 
 def _tab_separated(path: Path) -> bool:
@@ -469,7 +447,7 @@ def metadata_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_file():
-            if p.suffix.lower() not in TABLE_BUILDERS:
+            if p.suffix.lower() not in IMAGE_TABLE_FILES:
                 raise DataError(f"data.files: {p}: expected an image folder with metadata.jsonl or metadata.csv, "
                                 "or such a metadata file")
             out.append(p)
@@ -533,23 +511,7 @@ def _open_dataset(cfg: ImageTextDataConfig, streaming: bool) -> Any:
     an ``Image`` column cast to undecoded ``{"bytes", "path"}`` and its columns checked."""
     import datasets
 
-    local = Path(cfg.dataset).expanduser()
-    try:
-        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                if cfg.split not in ds:
-                    raise DataError(f"data.dataset={cfg.dataset!r}: no split {cfg.split!r} (splits: {', '.join(ds)}); "
-                                    "set data.split")
-                ds = ds[cfg.split]
-            if streaming:
-                ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 8)))
-        else:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=streaming)
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {cfg.split!r}: {first_line(err)}") from None
+    ds = open_dataset(cfg.dataset, split=cfg.split, streaming=streaming)
     columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
     where = f"data.dataset={cfg.dataset!r}"
     if cfg.image_column not in columns:
@@ -696,9 +658,9 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
 
     if cfg.dataset:
         raw = _open_dataset(cfg, streaming=True)
-        feature = raw.features.get(cfg.label_column) if raw.features is not None else None
-        classnames, index = (list(feature.names), None) if isinstance(feature, datasets.ClassLabel) else (None, None)
-        make = _dataset_row_maker(cfg, index, check_files=False)
+        names = class_label_names(raw.features.get(cfg.label_column)) if raw.features is not None else None
+        classnames = list(names) if names is not None else None
+        make = _dataset_row_maker(cfg, None, check_files=False)  # ClassLabel values are ids already
         rows = raw.map(lambda row, i: {k: v for k, v in make(row, i).items() if k != "_key"}, with_indices=True,
                        remove_columns=list(raw.features) if raw.features is not None else None)
         rows, source = rows.select_columns(ROW_COLUMNS), cfg.dataset
@@ -707,7 +669,7 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
 
         tables, metadata, source = _tables(cfg)
         classnames = list(CLASSNAMES) if not cfg.csv and not cfg.files else None  # the demo's classes are known
-        index = {n: i for i, n in enumerate(classnames)} if classnames else None
+        index = LabelMap(tuple(classnames)).label2id if classnames else None
         parts = [_stream_table(t, cfg, metadata, index) for t in tables]
         rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     rows = rows.filter(lambda r: bool(r["captions"]) and bool(r["path"]))

@@ -2,13 +2,16 @@
 
 Labels arrive as names (``"positive"``) or ids (``1``), with or without a `datasets.ClassLabel`
 feature; one `LabelMap` turns them into ids and names the row and column of any value it cannot
-place, so a typo in a label file is an error, not a silently wrong class.
+place, so a typo in a label file is an error, not a silently wrong class. The small readers below
+(`is_missing`, `is_label_id`, `sorted_names`, `class_label_names`, `clean_label`) are what every
+task (fine-tuning, probes, zero-shot image labels) reads a label column with.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,30 +55,58 @@ class LabelMap:
 
 
 def is_missing(value: Any) -> bool:
-    """None, a blank string or NaN (what pandas-backed CSV readers give an empty cell)."""
-    return value is None or (isinstance(value, str) and not value.strip()) or (
-        isinstance(value, float) and math.isnan(value))
+    """None, a blank string or NaN (what pandas-backed CSV readers give an empty cell; numpy's too)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and math.isnan(value)
+
+
+def is_label_id(value: Any) -> bool:
+    """An integer class id (numpy's too); a bool is not one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def sorted_names(values: Iterable[Any]) -> tuple[str, ...]:
+    """The distinct labels present, stripped, in sorted order: class names when the data gives names."""
+    return tuple(sorted({str(v).strip() for v in values if not is_missing(v)}))
+
+
+def class_label_names(feature: Any) -> tuple[str, ...] | None:
+    """The names of a `datasets.ClassLabel` feature (its values are already ids), else None."""
+    names = getattr(feature, "names", None)
+    return tuple(names) if names is not None else None
+
+
+def clean_label(value: Any) -> int | str | None:
+    """A cell as an id or a stripped name; None when missing. Integral floats and bools are ids: CSV
+    readers turn an integer column with an empty cell into floats."""
+    import numpy as np
+
+    if is_missing(value):
+        return None
+    if isinstance(value, (numbers.Integral, np.bool_)):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    return str(value).strip() or None
 
 
 def infer_label_map(values: Sequence[Any], feature: Any = None, configured: Sequence[str] = ()) -> LabelMap:
     """Names from the config (``data.labels``), else the `ClassLabel` feature, else the data: sorted
     distinct names, or ``"0".."max"`` for integer ids. Needs at least two classes."""
-    import numpy as np
-
-    if configured:
-        names = tuple(str(n) for n in configured)
-    elif feature is not None and hasattr(feature, "names"):
-        names = tuple(feature.names)
-    else:
+    names = tuple(str(n) for n in configured) or class_label_names(feature)
+    if names is None:
         present = [v for v in values if not is_missing(v)]
-        if present and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present):
+        if present and all(is_label_id(v) for v in present):
             negative = [int(v) for v in present if int(v) < 0]
             if negative:
                 raise DataError(f"label id {negative[0]} is negative (unlabelled rows, as in some test splits?); "
                                 "drop them or give names in data.labels")
             names = tuple(str(i) for i in range(int(max(present)) + 1))
         else:
-            names = tuple(sorted({str(v).strip() for v in present}))
+            names = sorted_names(present)
     if len(set(names)) != len(names):
         raise DataError(f"label names repeat: {list(names)}")
     if len(names) < 2:

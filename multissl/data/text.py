@@ -7,16 +7,14 @@ about zero: only the last block of each map batch can be short, and no token is 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from multissl.data.files import expand_files
+from multissl.data.files import TEXT_FILES, builder_of, expand_files, naming_bad_files, read_files
+from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 
-BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 PACK_BATCH = 1000  # documents per map batch: one possibly-short block per this many documents
 
 
@@ -70,84 +68,21 @@ class TextData:
 
 
 # ------------------------------------------------------------------------------- loading
-def _builder_for(files: list[Path], what: str) -> str:
-    builders = {BUILDERS[f.suffix.lower()] for f in files}
-    if len(builders) > 1:
-        raise DataError(f"{what}: mixes file types ({', '.join(sorted({f.suffix for f in files}))}); use one kind per corpus")
-    return builders.pop()
-
-
-def _first_undecodable(files: list[Path], chunk: int = 1 << 20) -> tuple[Path, int] | None:
-    """The first file (and byte offset) that is not UTF-8, to name it in the error.
-
-    Only called after a load failed, so a healthy corpus is never read twice.
-    """
-    import codecs
-
-    for f in files:
-        if f.suffix.lower() == ".parquet":
-            continue
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with f.open("rb") as fh:
-            while True:
-                block = fh.read(chunk)
-                try:
-                    decoder.decode(block, final=not block)
-                except UnicodeDecodeError as err:
-                    return f, offset + err.start
-                if not block:
-                    break
-                offset += len(block)
-    return None
-
-
 def load_files(files: list[Path], cfg: TextDataConfig, what: str, streaming: bool) -> Any:
-    import datasets
-
-    builder = _builder_for(files, what)
+    """Files of one type as one dataset; empty files are skipped with a warning, not read as rows."""
+    builder = builder_of(files, what)
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:
         if len(empty) == len(files):
             raise DataError(f"{what}: the corpus is empty ({', '.join(map(str, files[:3]))} hold no bytes)")
         print(f"warning: skipping {len(empty)} empty file(s), e.g. {empty[0]}", flush=True)
         files = [f for f in files if f not in empty]
-    kwargs: dict[str, Any] = {}
-    if builder == "text":
-        kwargs["sample_by"] = cfg.sample_by
-    if builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
-        kwargs["sep"] = "\t"
-    with naming_bad_files(files, what):
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs)
-
-
-@contextlib.contextmanager
-def naming_bad_files(files: list[Path], what: str) -> Iterator[None]:
-    """Turn a failure while reading ``files`` into one line that names the culprit.
-
-    Bad bytes surface late and in many forms (the text builder raises while generating, Arrow's
-    JSON reader keeps them and Python fails on first access), so the files are scanned for
-    non-UTF-8 content only once something has failed.
-    """
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as err:
-        bad = _first_undecodable(files)
-        if bad:
-            raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); re-encode it as UTF-8") from None
-        msg = first_line(err)
-        raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {msg}") from None
+    kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
+    return read_files(files, what, streaming=streaming, **kwargs)
 
 
 def load_hub(cfg: TextDataConfig, split: str) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split, streaming=cfg.streaming)
-    except Exception as err:
-        msg = first_line(err)
-        raise DataError(f"data.dataset={cfg.dataset!r} split {split!r}: {msg}") from None
+    return open_dataset(cfg.dataset, split=split, config_name=cfg.dataset_config, streaming=cfg.streaming)
 
 
 def _check_column(ds: Any, column: str, source: str) -> None:
@@ -162,7 +97,7 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
 
     files: list[Path] = []
     if cfg.files:
-        files = expand_files(cfg.files, BUILDERS)
+        files = expand_files(cfg.files, TEXT_FILES)
         train, source = load_files(files, cfg, "data.files", cfg.streaming), ", ".join(cfg.files)
     elif cfg.dataset:
         train, source = load_hub(cfg, cfg.split), cfg.dataset
@@ -175,7 +110,7 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
     _check_column(train, cfg.text_column, source)
     eval_ds = None
     if cfg.eval_files:
-        eval_files = expand_files(cfg.eval_files, BUILDERS, "data.eval_files")
+        eval_files = expand_files(cfg.eval_files, TEXT_FILES, "data.eval_files")
         files = files + eval_files
         eval_ds = load_files(eval_files, cfg, "data.eval_files", cfg.streaming)
         _check_column(eval_ds, cfg.text_column, "data.eval_files")

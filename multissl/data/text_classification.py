@@ -9,14 +9,12 @@ naming its row and column.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from multissl.data.files import expand_files
+from multissl.data.files import TABLE_FILES, expand_files
 from multissl.data.labels import LabelMap, infer_label_map, is_missing, stratified_subset, warn_skipped
-from multissl.errors import ConfigError, DataError, first_line
-
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+from multissl.data.sources import open_dataset
+from multissl.errors import ConfigError, DataError
 
 
 @dataclass
@@ -72,21 +70,8 @@ class LabelledText:
 def _load_table(files: list[str], what: str) -> Any:
     from multissl.data.text import load_files
 
-    paths = expand_files(files, TABLE_BUILDERS, what)
+    paths = expand_files(files, TABLE_FILES, what)
     return load_files(paths, None, what, streaming=False), ", ".join(files)
-
-
-def _load_hub(cfg: TextClassificationDataConfig, split: str) -> Any:
-    import datasets
-
-    try:
-        local = Path(cfg.dataset).expanduser()
-        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(local))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split)
-    except Exception as err:
-        raise DataError(f"data.dataset={cfg.dataset!r} split {split!r}: {first_line(err)}") from None
 
 
 def _raw_splits(cfg: TextClassificationDataConfig) -> tuple[Any, Any | None, str, str]:
@@ -98,8 +83,10 @@ def _raw_splits(cfg: TextClassificationDataConfig) -> tuple[Any, Any | None, str
             return train, held, source, eval_source
         return train, None, source, f"{source} (held out)"
     if cfg.dataset:
-        held = _load_hub(cfg, cfg.eval_split) if cfg.eval_split else None
-        return _load_hub(cfg, cfg.split), held, cfg.dataset, f"{cfg.dataset} split {cfg.eval_split or cfg.split}"
+        config = cfg.dataset_config
+        held = open_dataset(cfg.dataset, split=cfg.eval_split, config_name=config) if cfg.eval_split else None
+        train = open_dataset(cfg.dataset, split=cfg.split, config_name=config)
+        return train, held, cfg.dataset, f"{cfg.dataset} split {cfg.eval_split or cfg.split}"
     from multissl.data.demo import demo_topic_splits
 
     train, held = demo_topic_splits()
