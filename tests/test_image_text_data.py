@@ -20,9 +20,9 @@ from multissl.data.image_text import (
     ImageTextDataConfig,
     ImageTextDataset,
     ImageTextStream,
-    load_image,
     prepare_image_text,
 )
+from multissl.data.images import load_image
 from multissl.data.shapes_demo import CLASSNAMES, ZERO_SHOT_TEMPLATES, build_shapes_corpus
 from multissl.errors import ConfigError, DataError
 from multissl.training.loader import make_loader, rows

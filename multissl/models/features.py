@@ -8,8 +8,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multissl.errors import DataError, first_line
-
 if TYPE_CHECKING:  # torch and numpy load inside the functions: importing this module stays instant
     import numpy as np
     import torch
@@ -156,20 +154,15 @@ def image_features(model: nn.Module, preprocess: Callable[[Any], torch.Tensor], 
     """``(len(images), embed_dim)``: open_clip's ``encode_image`` (unnormalised) of PIL images or image
     paths, after the model's own eval transform."""
     import torch
-    from PIL import Image
+
+    from multissl.data.images import load_image, to_rgb
 
     model = _unwrap(model)
     device = torch.device(device) if device is not None else _device_of(model)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
 
-    def load(item: Any) -> torch.Tensor:
-        if isinstance(item, (str, Path)):
-            try:
-                with Image.open(item) as img:
-                    item = img.convert("RGB")
-            except OSError as err:
-                raise DataError(f"{item}: cannot read image ({first_line(err)})") from None
-        return preprocess(item.convert("RGB"))
+    def load(item: Any) -> torch.Tensor:  # files decode as the training data does (CMYK, 16-bit, alpha)
+        return preprocess(load_image(item, str(item)) if isinstance(item, (str, Path)) else to_rgb(item))
 
     feats = []
     with torch.no_grad():

@@ -1,0 +1,116 @@
+"""Images as every image family reads them: decoded from a file or bytes, converted to 8-bit RGB
+(CMYK, palettes, alpha onto white, 16-bit and float grayscale), too-large ones refused, and the
+global random generators seeded per image so torchvision/timm transforms give the same result in
+any DataLoader worker and after a resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multissl.errors import DataError, first_line
+
+
+class BadImage(DataError):
+    """An image that cannot be used; the collator counts and skips it (or stops, when asked)."""
+
+
+def _to_8bit(img: Any) -> Any:
+    """16/32-bit integer and float grayscale -> 8-bit ``L``, keeping the range the data was made for:
+    ``I;16*`` spans 0..65535; ``I`` is taken as 8- or 16-bit when its values fit, else stretched;
+    ``F`` as 0..1 or 0..255 when its values fit, else stretched."""
+    from PIL import Image
+
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        span = (0.0, 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        span = (0.0, 1.0)
+    elif lo >= 0 and hi <= 255:
+        span = (0.0, 255.0)
+    elif img.mode != "F" and lo >= 0 and hi <= 65535:
+        span = (0.0, 65535.0)
+    else:
+        span = (lo, hi if hi > lo else lo + 1.0)
+    scaled = (a - span[0]) / (span[1] - span[0]) * 255.0
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Any) -> Any:
+    """An 8-bit RGB copy of a loaded PIL image. Transparency (alpha, or a palette/colour-key
+    ``transparency``) is composited onto white, so transparent pixels do not turn black."""
+    from PIL import Image
+
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # also CMYK, P, L, 1, YCbCr; a copy even when already RGB
+
+
+def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = 64_000_000) -> Any:
+    """Decode to an 8-bit RGB PIL image, or raise a `BadImage` naming it.
+
+    The pixel limit is checked from the header, before any pixel is decoded; PIL's own global guard
+    is left as it is (its warning is silenced here, its error, at twice its limit, is a bad image).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    embedded = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("<image bytes>" if embedded else str(source))
+    try:
+        if (len(source) if embedded else Path(source).stat().st_size) == 0:
+            raise BadImage(f"{name}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if embedded else source)
+            try:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(f"{name}: {width}x{height} = {width * height} pixels is above "
+                                   f"max_image_pixels={max_pixels}")
+                img.load()
+                return to_rgb(img)
+            finally:
+                img.close()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(f"{name}: not an image, or a format PIL cannot read") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"{name}: {first_line(err)}") from None
+    except FileNotFoundError:
+        raise BadImage(f"{name}: no such file") from None
+    except Exception as err:  # truncated data, broken chunks, unsupported modes: many exception types
+        raise BadImage(f"{name}: cannot decode image ({first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's, Python's and numpy's global generators for the block, then put them back.
+
+    Transforms draw from the global generators (torchvision from torch's, timm's from Python's);
+    seeding them per image from the batch generator makes a batch the same in any DataLoader
+    worker and after a resume, and leaves the trainer's own random stream (dropout) untouched.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
