@@ -23,6 +23,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_text.py

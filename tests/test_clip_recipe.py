@@ -123,3 +123,16 @@ def test_bad_images_are_converted_or_skipped_and_the_run_completes(tmp_path: Pat
         drawn += [sum(i in bad for i, _ in b) for b in sampler]
     assert len(bad) == 5 and logged == [sum(drawn[:3]), sum(drawn)], (logged, drawn)
     assert f"images: {sum(drawn)} skipped during training" in printed
+
+
+def test_spawned_workers_see_the_same_batches(tmp_path: Path) -> None:
+    """The image-text collator (transforms, tokenizer) pickles without the model and builds in a
+    spawned worker the very batches the main process would."""
+    losses = []
+    for workers, method in ((0, ""), (1, "spawn")):
+        out = tmp_path / f"w{workers}"
+        clip.main(_args(out, 2, **{"trainer.log_every": 1, "trainer.num_workers": workers,
+                                   "trainer.worker_start_method": method, "trainer.batch_size": 16,
+                                   "trainer.eval_max_batches": 1, "eval.max_images": 16}))
+        losses.append([r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r])
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-6)

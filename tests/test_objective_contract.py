@@ -53,6 +53,8 @@ def test_param_groups_carry_lr_multipliers(tmp_path: Path) -> None:
     fit(tmp_path, toy, optimizer="sgd", momentum=0.9, weight_decay=0.0)
     assert torch.equal(toy.model[3].weight, head_before)
     assert not torch.equal(toy.model[0].weight, body_before)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/lr" in r]
+    assert rows and all(r["train/lr/head"] == 0.0 and r["train/lr"] > 0 for r in rows), "each group's lr is logged"
 
 
 def test_groups_split_decay_and_check_membership() -> None:
@@ -74,7 +76,7 @@ def test_schedules_set_lr_and_weight_decay_per_group() -> None:
     opt = build_optimizer(c, torch_groups(toy.param_groups(toy.model), toy.model), torch.device("cpu"))
     first = apply_schedules(opt, c, 0, 11, 0)
     by_name = {g["name"]: g for g in opt.param_groups}
-    assert first == {"lr": pytest.approx(0.1), "weight_decay": pytest.approx(0.04)}
+    assert first == {"lr": pytest.approx(0.1), "weight_decay": pytest.approx(0.04), "lr/head": pytest.approx(0.05)}
     assert by_name["head/decay"]["lr"] == pytest.approx(0.05) and by_name["body/decay"]["lr"] == pytest.approx(0.1)
     assert by_name["body/no_decay"]["weight_decay"] == 0.0
     last = apply_schedules(opt, c, 10, 11, 0)

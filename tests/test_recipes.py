@@ -113,3 +113,17 @@ def test_samples_stop_at_the_context_length(tmp_path: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     assert all(len(tok(s)["input_ids"]) <= 16 for s in result.final_metrics["samples"])
+
+
+def test_spawned_workers_see_the_same_batches(tmp_path: Path) -> None:
+    """The collator is a small object, not the objective: workers started with spawn (macOS, Python
+    3.14) unpickle it without the model, and build the very batches the main process would."""
+    mlm.main(tiny_args(tmp_path / "tok", steps=1))  # one tokenizer for both runs (WordPiece training varies)
+    losses = []
+    for workers, method in ((0, ""), (1, "spawn")):
+        out = tmp_path / f"w{workers}"
+        mlm.main(tiny_args(out, steps=3, **{"trainer.log_every": 1, "trainer.num_workers": workers,
+                                            "trainer.worker_start_method": method,
+                                            "data.tokenizer": str(tmp_path / "tok" / "tokenizer")}))
+        losses.append([r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r])
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-6)

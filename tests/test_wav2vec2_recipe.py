@@ -166,3 +166,15 @@ def test_two_processes_end_to_end(tmp_path: Path, corpus: Path) -> None:
     from transformers import Wav2Vec2Model
 
     Wav2Vec2Model.from_pretrained(tmp_path / "model")
+
+
+def test_spawned_workers_see_the_same_batches(tmp_path: Path, corpus: Path) -> None:
+    """Span masks and distractors are drawn in the worker from the batch's seed: a spawned worker
+    (which unpickles the collator, not the model) builds the same batches as the main process."""
+    losses = []
+    for workers, method in ((0, ""), (1, "spawn")):
+        out = tmp_path / f"w{workers}"
+        wav2vec2.main(_args(out, corpus, 2, **{"trainer.log_every": 1, "trainer.num_workers": workers,
+                                               "trainer.worker_start_method": method}))
+        losses.append([r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r])
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-6)

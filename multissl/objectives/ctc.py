@@ -339,9 +339,8 @@ class SpeechRecognition(Objective):
             self.model, self.name, self.base_model, pipeline_tag="automatic-speech-recognition",
             card_metrics=("wer", "cer"), auto_class="AutoModelForCTC",
             usage=("import soundfile as sf\n"
-                      "from transformers import pipeline\n\n"
-                      'transcribe = pipeline("automatic-speech-recognition", model="{repo}")\n'
-                      f'audio, rate = sf.read("speech.wav", dtype="float32")  # mono; resampled to {self.sample_rate} Hz\n'
-                      'print(transcribe({"raw": audio, "sampling_rate": rate})["text"])'),
-        )
+                   "from transformers import pipeline\n\n"
+                   'transcribe = pipeline("automatic-speech-recognition", model="{repo}")\n'
+                   f'audio, rate = sf.read("speech.wav", dtype="float32")  # mono; resampled to {self.sample_rate} Hz\n'
+                   'print(transcribe({"raw": audio, "sampling_rate": rate})["text"])'))
 

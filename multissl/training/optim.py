@@ -60,10 +60,14 @@ def weight_decay_at(cfg: TrainerConfig, step: int, total: int) -> float:
 
 def apply_schedules(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, step: int, total: int,
                     warmup: int) -> dict[str, float]:
-    """Set every group's lr and weight decay for the update at ``step`` (0-based); returns the base values."""
+    """Set every group's lr and weight decay for the update at ``step`` (0-based); returns the base
+    values, and ``lr/<group>`` for each objective group whose lr differs from the base."""
     lr = cfg.lr * lr_factor(cfg.lr_schedule, step, warmup, total, cfg.min_lr_ratio)
     wd = weight_decay_at(cfg, step, total)
+    out = {"lr": lr, "weight_decay": wd}
     for g in optimizer.param_groups:
         g["lr"] = (cfg.lr if g.get("fixed_lr") else lr) * g.get("lr_multiplier", 1.0)
         g["weight_decay"] = wd * g.get("wd_multiplier", 1.0)
-    return {"lr": lr, "weight_decay": wd}
+        if g["lr"] != lr and "name" in g:
+            out[f"lr/{g['name'].split('/')[0]}"] = g["lr"]
+    return out
