@@ -82,7 +82,7 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
         "classifier on the training examples and report their accuracy on held-out ones, beside chance.")
     p.add_argument("output_dir", help="a run's output_dir (with model/), or a model folder")
     p.add_argument("--task", choices=TASKS, default="",
-                   help="default: the model's embedded task (text-topics, keywords or shapes), or files with --files")
+                   help="default: the model's embedded task (text-topics, keywords or shapes; digits for image backbones), or files with --files")
     p.add_argument("--files", nargs="+", default=[], help="labelled .csv/.tsv/.jsonl/.parquet files (task files)")
     p.add_argument("--eval-files", nargs="+", default=[], help="eval examples (default: hold out 20%% of --files)")
     p.add_argument("--text-column", default=d.text_column)

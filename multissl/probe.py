@@ -38,9 +38,9 @@ if TYPE_CHECKING:  # torch and numpy load inside the functions: building the CLI
     import torch
     from torch import nn
 
-TASKS = ("text-topics", "keywords", "shapes", "files")
-TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio", "shapes": "image"}
-DEFAULT_TASK: dict[str, str] = {modality: task for task, modality in TASK_MODALITY.items()}
+TASKS = ("text-topics", "keywords", "shapes", "digits", "files")
+TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio", "shapes": "image", "digits": "image"}
+DEFAULT_TASK: dict[str, str] = {"text": "text-topics", "audio": "keywords", "image": "shapes"}
 KNN_TEMPERATURE = 0.07  # DINO's weighted-kNN temperature
 HELDOUT_FRACTION = 0.2  # eval share when a task has no eval split of its own
 _CACHE_SIZE = 4
@@ -50,7 +50,7 @@ _CACHE_SIZE = 4
 class ProbeConfig:
     """What to probe on and how; also the trainer's ``trainer.probe`` section (``task=""`` = off)."""
 
-    task: Literal["", "text-topics", "keywords", "shapes", "files"] = ""
+    task: Literal["", "text-topics", "keywords", "shapes", "digits", "files"] = ""
     """Empty = off in the trainer (``multissl probe`` then takes the model's embedded task); text-topics
     (text), keywords (audio), shapes (image), or files (labelled data in `files`)."""
     files: list[str] = field(default_factory=list)
@@ -300,6 +300,18 @@ def _shapes_data(cfg: ProbeConfig) -> ProbeData:
     return _finish("shapes", "image", train, evals, cfg, where=str(metadata))
 
 
+def _digits_data(cfg: ProbeConfig) -> ProbeData:
+    """The embedded digits (real MNIST, 10 classes), split by file name as image pretraining splits
+    them, so a pretrained backbone is probed on images it never saw."""
+    from multissl.data.digits_demo import default_digits_corpus
+
+    folder = default_digits_corpus()
+    paths = sorted(folder.glob("*/*.png"))
+    pairs = [(str(p), p.parent.name) for p in paths]
+    train, evals = _split(pairs, [p.name for p in paths], str(folder))
+    return _finish("digits", "image", train, evals, cfg, where=str(folder))
+
+
 def _read_table(path: Path) -> Any:
     """One labelled file as a `datasets.Dataset`, or a DataError naming it."""
     from multissl.data.files import read_files
@@ -393,7 +405,8 @@ def load_probe_data(cfg: ProbeConfig, modality: Modality) -> ProbeData:
     key = (task, modality, _stamp(cfg.files), _stamp(cfg.eval_files), cfg.text_column, cfg.label_column,
            cfg.path_column, cfg.max_train, cfg.max_eval, cfg.seed)
     if key not in _DATA_CACHE:
-        loaders = {"text-topics": _topics_data, "keywords": _keywords_data, "shapes": _shapes_data}
+        loaders = {"text-topics": _topics_data, "keywords": _keywords_data, "shapes": _shapes_data,
+                   "digits": _digits_data}
         data = loaders[task](cfg) if task in loaders else _files_data(cfg, modality)
         while len(_DATA_CACHE) >= _CACHE_SIZE:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))

@@ -12,6 +12,7 @@ from multissl_recipes.finetune_audio_classification import AudioClassificationCo
 from multissl_recipes.finetune_speech_recognition import SpeechRecognitionConfig
 from multissl_recipes.finetune_text_classification import TextClassificationConfig
 from multissl_recipes.mlm import MLMConfig
+from multissl_recipes.simclr import SimCLRConfig
 from multissl_recipes.wav2vec2 import Wav2Vec2Config
 
 from multissl import config
@@ -19,7 +20,7 @@ from multissl.errors import ConfigError
 from multissl.registry import available
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig,
+SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig, "simclr": SimCLRConfig,
            "finetune_text_classification": TextClassificationConfig,
            "finetune_speech_recognition": SpeechRecognitionConfig,
            "finetune_audio_classification": AudioClassificationConfig}

@@ -12,7 +12,7 @@ from multissl.errors import MultiSSLError
 from multissl.registry import available, find
 from tests.conftest import BIN, ROOT, run
 
-OURS = {"pretrain": ["clip", "clm", "mlm", "wav2vec2"],
+OURS = {"pretrain": ["clip", "clm", "mlm", "simclr", "wav2vec2"],
         "finetune": ["audio-classification", "speech-recognition", "text-classification"]}
 
 

@@ -150,9 +150,10 @@ def audio_features(model: nn.Module, waveforms: Sequence[np.ndarray | str | Path
 
 
 def image_features(model: nn.Module, preprocess: Callable[[Any], torch.Tensor], images: Sequence[Any],
-                   batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``(len(images), embed_dim)``: open_clip's ``encode_image`` (unnormalised) of PIL images or image
-    paths, after the model's own eval transform."""
+                   batch_size: int, device: torch.device | str | None = None, pooled: bool = False) -> torch.Tensor:
+    """``(len(images), dim)`` of PIL images or image paths after the model's own eval transform:
+    open_clip's ``encode_image`` (unnormalised), or with ``pooled`` the model's output itself (a timm
+    backbone built with ``num_classes=0`` returns its pooled features)."""
     import torch
 
     from multissl.data.images import load_image, to_rgb
@@ -168,5 +169,6 @@ def image_features(model: nn.Module, preprocess: Callable[[Any], torch.Tensor], 
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.stack([load(x) for x in images[start : start + batch_size]])
-            feats.append(model.encode_image(batch.to(device, dtype)).float().cpu())
+            batch = batch.to(device, dtype)
+            feats.append((model(batch) if pooled else model.encode_image(batch)).float().cpu())
     return torch.cat(feats) if feats else torch.zeros(0, 0)

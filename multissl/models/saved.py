@@ -54,6 +54,18 @@ def _open_clip(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | No
     return SavedEncoder("image", folder, model, lambda m, xs, bs, dev: F.image_features(m, preprocess, xs, bs, dev))
 
 
+def _timm(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+    """A timm Hub-format folder (config.json with ``architecture``): rebuilt by timm, with its own eval transform."""
+    if config is None or "architecture" not in config or config.get("model_type"):
+        return None
+    import timm
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    return SavedEncoder("image", folder, model,
+                        lambda m, xs, bs, dev: F.image_features(m, transform, xs, bs, dev, pooled=True))
+
+
 def _audio(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
     if config is None or config.get("model_type") not in AUDIO_MODEL_TYPES:
         return None
@@ -79,7 +91,7 @@ def _text(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
     return SavedEncoder("text", folder, model, lambda m, xs, bs, dev: F.text_features(m, tokenizer, xs, bs, dev))
 
 
-SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _audio, _text]
+SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _timm, _audio, _text]
 """Each returns an encoder for a folder it recognises, else None; image families add theirs here."""
 
 
@@ -92,7 +104,7 @@ def load_saved_encoder(path: str | Path) -> SavedEncoder:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
-    if config is not None and not config.get("model_type"):
+    if config is not None and not config.get("model_type") and "architecture" not in config:
         raise ConfigError(f"{folder}: cannot load the model (its config.json names no model_type)")
     for kind in SAVED_ENCODERS:
         try:
@@ -105,4 +117,4 @@ def load_saved_encoder(path: str | Path) -> SavedEncoder:
             return encoder
     model_type = (config or {}).get("model_type", "unknown")
     raise ConfigError(f"{folder}: no feature extractor for a {model_type!r} model yet (multissl takes features of "
-                      f"open_clip models, {', '.join(AUDIO_MODEL_TYPES[:1])}-style audio models and text models)")
+                      f"open_clip and timm models, {', '.join(AUDIO_MODEL_TYPES[:1])}-style audio models and text models)")

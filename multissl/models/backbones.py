@@ -1,0 +1,67 @@
+"""Image backbones from timm, saved in timm's Hub format so ``timm.create_model("local-dir:...",
+pretrained=True)`` (or ``"hf-hub:..."`` after a push) rebuilds them with no multissl code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from multissl.errors import ConfigError, first_line
+
+TINY = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
+"""A resnet18 with one block a stage at a quarter of the width: 0.3M parameters, CPU-friendly."""
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18"
+    """Any ``timm.list_models()`` name (resnet18, resnet50, vit_tiny_patch16_224, ...)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``timm.create_model`` arguments (e.g. ``layers``/``channels`` for a small ResNet, ``img_size``
+    for a ViT); saved with the model, so timm rebuilds the same architecture."""
+    size: str = "custom"
+    """A label for the model card (tiny, small, base)."""
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The timm model without a classifier (``num_classes=0``: ``model(x)`` is the pooled feature)."""
+    import timm
+
+    if not timm.is_model(cfg.name):
+        import difflib
+
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"model.backbone.name={cfg.name!r} is not a timm model{hint}")
+    try:
+        return timm.create_model(cfg.name, pretrained=False, num_classes=0, **cfg.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone.kwargs: {cfg.name} does not take them ({first_line(err)})") from None
+
+
+def set_preprocessing(model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Record the input the backbone is trained on in its ``pretrained_cfg`` (saved to config.json),
+    so timm's ``resolve_data_config`` + ``create_transform`` rebuild the same eval transform."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg.update(input_size=(3, size, size), test_input_size=(3, size, size), crop_pct=1.0, crop_mode="center",
+               mean=tuple(mean), std=tuple(std), interpolation="bilinear", num_classes=0)
+    model.pretrained_cfg = cfg
+
+
+def eval_transform_of(model: nn.Module) -> Any:
+    """timm's eval transform for the backbone, as a user loading the saved folder would build it."""
+    import timm
+
+    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+
+def save_backbone(model: nn.Module, output_dir: Path) -> None:
+    """``config.json`` (architecture, its arguments, the preprocessing in ``pretrained_cfg``) and
+    ``model.safetensors``, as timm writes them for the Hub."""
+    from timm.models import save_for_hf
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(output_dir), model_config={"num_classes": 0})
