@@ -42,7 +42,6 @@ TASKS = ("text-topics", "keywords", "shapes", "digits", "files")
 TASK_MODALITY: dict[str, Modality] = {"text-topics": "text", "keywords": "audio", "shapes": "image", "digits": "image"}
 DEFAULT_TASK: dict[str, str] = {"text": "text-topics", "audio": "keywords", "image": "shapes"}
 KNN_TEMPERATURE = 0.07  # DINO's weighted-kNN temperature
-HELDOUT_FRACTION = 0.2  # eval share when a task has no eval split of its own
 _CACHE_SIZE = 4
 
 
@@ -240,7 +239,7 @@ def _finish(task: str, modality: Modality, train: list[tuple[Any, Any]], evals: 
 
 def _split(rows: list[tuple[Any, Any]], keys: list[str], what: str) -> tuple[list[Any], list[Any]]:
     """``(train, eval)``: whole keys (speakers, texts, paths) held out by `heldout_mask`."""
-    from multissl.data.demo import heldout_mask
+    from multissl.data.demo import HELDOUT_FRACTION, heldout_mask
 
     held = heldout_mask(keys, HELDOUT_FRACTION)
     if held is None:

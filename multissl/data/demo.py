@@ -92,6 +92,9 @@ TOPIC_LABELS = tuple(TOPIC_CATEGORIES)
 #: paragraphs (``data.validation_fraction`` 0.1 selects exactly these), so a pretrained model has
 #: never seen the texts it is evaluated on.
 TOPIC_HELDOUT_FRACTION = 0.1
+HELDOUT_FRACTION = 0.2
+"""Eval share when a source has no eval split of its own: probes and image pretraining hold out the
+same files by it, so a pretrained model is probed on data it never saw."""
 
 
 def topic_category(topic: str) -> str | None:

@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from multissl.data.demo import heldout_mask
+from multissl.data.demo import HELDOUT_FRACTION, heldout_mask
 from multissl.data.files import expand_files
 from multissl.data.image_text import heldout_key
+from multissl.data.images import image_cell
 from multissl.errors import ConfigError, DataError
 from multissl.training.loader import DatasetView
 
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-HELDOUT_FRACTION = 0.2  # the probe's share (multissl.probe.HELDOUT_FRACTION): the same images held out
 
 
 @dataclass
@@ -101,9 +101,7 @@ def _dataset_rows(cfg: ImageDataConfig) -> tuple[dict[str, list[Any]], list[str]
     has_label = cfg.label_column in ds.column_names
     cols: dict[str, list[Any]] = {"path": [], "bytes": [], "label": []}
     for i, row in enumerate(ds):
-        cell = row[cfg.image_column]
-        blob = cell.get("bytes") if isinstance(cell, dict) else (cell if isinstance(cell, bytes) else None)
-        path = cell.get("path") if isinstance(cell, dict) else (cell if isinstance(cell, str) else None)
+        blob, path = image_cell(row[cfg.image_column], f"{cfg.dataset}[{i}]", cfg.image_column)
         cols["path"].append(path if blob is None and path else f"{cfg.dataset}[{i}]")
         cols["bytes"].append(blob)
         label = row.get(cfg.label_column) if has_label else None

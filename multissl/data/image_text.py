@@ -15,7 +15,6 @@ it does not depend on the seed, the order of rows or the machine.
 
 from __future__ import annotations
 
-import io
 import itertools
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import torch
 
 from multissl.data.demo import heldout_mask
 from multissl.data.files import BUILDERS, IMAGE_TABLE_FILES, check_table, read_files
-from multissl.data.images import BadImage, load_image, seeded_rngs
+from multissl.data.images import BadImage, image_cell, load_image, seeded_rngs
 from multissl.data.labels import LabelMap, class_label_names, clean_label, sorted_names
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError
@@ -424,25 +423,6 @@ def _open_dataset(cfg: ImageTextDataConfig, streaming: bool) -> Any:
     return ds
 
 
-def _image_cell(value: Any, row_name: str, column: str) -> tuple[bytes | None, str | None]:
-    """``(bytes, path)`` of an image cell: undecoded ``Image`` dicts, bytes, paths or PIL images."""
-    if isinstance(value, dict):
-        blob, where = value.get("bytes"), value.get("path")
-    elif isinstance(value, (bytes, bytearray)):
-        blob, where = bytes(value), None
-    elif isinstance(value, (str, Path)):
-        blob, where = None, str(value)
-    elif hasattr(value, "save") and hasattr(value, "mode"):  # a decoded PIL image
-        buf = io.BytesIO()
-        value.save(buf, format="PNG")
-        blob, where = buf.getvalue(), None
-    else:
-        raise DataError(f"{row_name}: column {column!r} holds {type(value).__name__}, not an image, bytes or a path")
-    if blob is None and not where:
-        raise DataError(f"{row_name}: column {column!r} holds neither bytes nor a path")
-    return blob, where
-
-
 def _dataset_row_maker(cfg: ImageTextDataConfig, index: dict[str, int] | None, check_files: bool) -> Callable:
     """A function ``(row, row index) -> normalised row`` for a ``data.dataset`` source."""
     name = Path(cfg.dataset).name or cfg.dataset
@@ -451,7 +431,7 @@ def _dataset_row_maker(cfg: ImageTextDataConfig, index: dict[str, int] | None, c
     image_col, caption_col, label_col = cfg.image_column, cfg.caption_column, cfg.label_column
 
     def make(row: dict[str, Any], i: int) -> dict[str, Any]:
-        blob, where = _image_cell(row[image_col], f"{cfg.dataset}[{i}]", image_col)
+        blob, where = image_cell(row[image_col], f"{cfg.dataset}[{i}]", image_col)
         if blob is not None:
             path = f"{name}[{i}]" + (f":{where}" if where else "")
         else:

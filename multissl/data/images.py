@@ -114,3 +114,22 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def image_cell(value: Any, row_name: str, column: str) -> tuple[bytes | None, str | None]:
+    """``(bytes, path)`` of an image cell: undecoded ``Image`` dicts, bytes, paths or PIL images."""
+    if isinstance(value, dict):
+        blob, where = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray)):
+        blob, where = bytes(value), None
+    elif isinstance(value, (str, Path)):
+        blob, where = None, str(value)
+    elif hasattr(value, "save") and hasattr(value, "mode"):  # a decoded PIL image
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        blob, where = buf.getvalue(), None
+    else:
+        raise DataError(f"{row_name}: column {column!r} holds {type(value).__name__}, not an image, bytes or a path")
+    if blob is None and not where:
+        raise DataError(f"{row_name}: column {column!r} holds neither bytes nor a path")
+    return blob, where
