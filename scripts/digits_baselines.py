@@ -43,7 +43,7 @@ def main() -> None:
     recipe = config.load(SimCLRConfig, [], DEFAULT_CONFIG)
     for seed in [int(s) for s in args.seeds.split(",")]:
         torch.manual_seed(seed)
-        objective = SimCLR(recipe.model, recipe.loss, recipe.augment)
+        objective = SimCLR(recipe.model, recipe.loss, augment=recipe.augment)
         metrics, _ = probe_encoder(objective.export(objective.model), "image",
                                    lambda xs, o=objective: o.features(o.model, xs, cfg.batch_size), cfg)
         print(json.dumps({"features": f"random-init backbone (seed {seed})", **metrics}))

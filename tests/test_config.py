@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from multissl_recipes.barlow_twins import BarlowTwinsConfig
+from multissl_recipes.byol import BYOLConfig
 from multissl_recipes.clip import ClipConfig
 from multissl_recipes.clm import CLMConfig
+from multissl_recipes.dino import DINOConfig
 from multissl_recipes.finetune_audio_classification import AudioClassificationConfig
 from multissl_recipes.finetune_speech_recognition import SpeechRecognitionConfig
 from multissl_recipes.finetune_text_classification import TextClassificationConfig
 from multissl_recipes.mlm import MLMConfig
+from multissl_recipes.moco import MoCoConfig
 from multissl_recipes.simclr import SimCLRConfig
+from multissl_recipes.simsiam import SimSiamConfig
+from multissl_recipes.vicreg import VICRegConfig
 from multissl_recipes.wav2vec2 import Wav2Vec2Config
 
 from multissl import config
@@ -21,6 +27,8 @@ from multissl.registry import available
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig, "simclr": SimCLRConfig,
+           "moco": MoCoConfig, "byol": BYOLConfig, "simsiam": SimSiamConfig, "barlow_twins": BarlowTwinsConfig,
+           "vicreg": VICRegConfig, "dino": DINOConfig,
            "finetune_text_classification": TextClassificationConfig,
            "finetune_speech_recognition": SpeechRecognitionConfig,
            "finetune_audio_classification": AudioClassificationConfig}
@@ -43,11 +51,15 @@ def test_shipped_config_loads(recipe: str, path: Path) -> None:
     cfg = config.build(SCHEMAS[recipe], path)
     raw = yaml.safe_load(path.read_text())
     # The file lists only what differs from the defaults and every listed value is applied.
-    resolved = config.to_dict(cfg)
-    for section, values in raw.items():
-        for key, value in values.items():
-            got = resolved[section][key]
-            assert got == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
+    def check(listed: dict, resolved: dict, where: str) -> None:
+        for key, value in listed.items():
+            got = resolved[key]
+            if isinstance(value, dict) and isinstance(got, dict):  # a nested section: what it lists is applied
+                check(value, got, f"{where}{key}.")
+            else:
+                assert got == (list(value) if isinstance(value, tuple) else value), f"{where}{key}"
+
+    check(raw, config.to_dict(cfg), "")
 
 
 def test_overrides_are_typed() -> None:

@@ -12,8 +12,8 @@ from multissl.errors import MultiSSLError
 from multissl.registry import available, find
 from tests.conftest import BIN, ROOT, run
 
-OURS = {"pretrain": ["clip", "clm", "mlm", "simclr", "wav2vec2"],
-        "finetune": ["audio-classification", "speech-recognition", "text-classification"]}
+OURS = {"pretrain": ["barlow_twins", "byol", "clip", "clm", "dino", "mlm", "moco", "simclr", "simsiam", "vicreg", "wav2vec2"],
+        "finetune": ["audio-classification", "image-classification", "speech-recognition", "text-classification"]}
 
 
 def test_our_recipes_are_registered_with_their_configs() -> None:

@@ -8,6 +8,7 @@ strength 0.5 with 0.4/0.4/0.4/0.1 x strength, grayscale 0.2; blur off, as for sm
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,11 @@ class AugmentConfig:
     blur: float = 0.0
     """Probability of a Gaussian blur (kernel ~10% of the side); SimCLR skips it on 32-pixel images."""
     solarize: float = 0.0
+    second_view_blur: float | None = None
+    """The second view's blur probability when it differs (BYOL and DINO: 1.0 for the first, 0.1 for
+    the second); None = the same as ``blur``."""
+    second_view_solarize: float | None = None
+    """The second view's solarisation probability (BYOL and DINO: 0.2; the first view's 0); None = ``solarize``."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -46,9 +52,18 @@ class AugmentConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("flip", "jitter", "grayscale", "blur", "solarize", "second_view_blur", "second_view_solarize"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augment.{name} is a probability in [0, 1], got {value}")
+
+    def view(self, index: int) -> AugmentConfig:
+        """The recipe of view ``index`` (0 or 1): the second takes the ``second_view_*`` values."""
+        if index == 0:
+            return self
+        return dataclasses.replace(
+            self, blur=self.blur if self.second_view_blur is None else self.second_view_blur,
+            solarize=self.solarize if self.second_view_solarize is None else self.second_view_solarize)
 
 
 def view_transform(cfg: AugmentConfig) -> Any:
