@@ -90,6 +90,8 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--path-column", default=d.path_column, help="audio/image manifests: the file path column")
     for name in ("max_train", "max_eval", "batch_size", "knn_k", "linear_epochs", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--knn-extra-k", type=int, nargs="*", default=d.knn_extra_k, metavar="K",
+                   help="more neighbour counts to report (default: %(default)s; none: --knn-extra-k)")
     p.add_argument("--linear-weight-decay", type=float, default=d.linear_weight_decay)
     p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="audio: cut longer files to this")
     p.add_argument("--device", default="", help="default: cuda when available, else cpu")
@@ -102,7 +104,7 @@ def _config_from_args(ns: argparse.Namespace) -> ProbeConfig:
     return ProbeConfig(
         task=task, files=list(ns.files), eval_files=list(ns.eval_files), text_column=ns.text_column,
         label_column=ns.label_column, path_column=ns.path_column, max_train=ns.max_train, max_eval=ns.max_eval,
-        batch_size=ns.batch_size, knn_k=ns.knn_k, linear_epochs=ns.linear_epochs,
+        batch_size=ns.batch_size, knn_k=ns.knn_k, knn_extra_k=list(ns.knn_extra_k), linear_epochs=ns.linear_epochs,
         linear_weight_decay=ns.linear_weight_decay, max_seconds=ns.max_seconds, seed=ns.seed)
 
 
@@ -116,6 +118,8 @@ def format_probe_table(result: dict[str, Any], cfg: ProbeConfig) -> str:
         ("classes", str(result["classes"])),
         ("linear accuracy", f"{result['linear_acc']:.3f}"),
         (f"kNN accuracy (k={k})", f"{result['knn_acc']:.3f}"),
+        *[(f"kNN accuracy (k={min(extra, result['train_examples'])})", f"{result[f'knn{extra}_acc']:.3f}")
+          for extra in cfg.knn_extra_k if f"knn{extra}_acc" in result],
         ("chance", f"{result['chance']:.3f} (majority class)"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -69,7 +69,9 @@ class ProbeConfig:
     batch_size: int = 32
     """Examples per forward pass while extracting features."""
     knn_k: int = 20
-    """Neighbours that vote (clipped to the number of training examples)."""
+    """Neighbours that vote (clipped to the number of training examples): ``knn_acc``."""
+    knn_extra_k: list[int] = field(default_factory=lambda: [200])
+    """More neighbour counts, each reported as ``knn<k>_acc`` (image SSL papers quote k=20 and k=200)."""
     linear_epochs: int = 100
     """Full-batch L-BFGS iterations of the linear classifier (each one pass over all training features)."""
     linear_weight_decay: float = 1e-4
@@ -93,6 +95,8 @@ class ProbeConfig:
         for name in ("max_train", "max_eval", "batch_size", "knn_k", "linear_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"probe.{name} must be >= 1, got {getattr(self, name)}")
+        if any(k < 1 for k in self.knn_extra_k):
+            raise ConfigError(f"probe.knn_extra_k must hold counts >= 1, got {self.knn_extra_k}")
         if not self.linear_weight_decay >= 0:
             raise ConfigError(f"probe.linear_weight_decay must be >= 0, got {self.linear_weight_decay}")
         if not self.max_seconds > 0:
@@ -169,8 +173,9 @@ def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor
 
 def probe_features(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor,
                    num_classes: int, cfg: ProbeConfig) -> dict[str, float]:
-    """``{"linear_acc", "knn_acc", "chance"}``; chance is the majority class's share of eval (what
-    always answering the most common class scores), so an accuracy means something beside it."""
+    """``{"linear_acc", "knn_acc", "knn<k>_acc" for each extra k, "chance"}``; chance is the majority
+    class's share of eval (what always answering the most common class scores), so an accuracy
+    means something beside it."""
     import torch
 
     if len(train_x) == 0 or len(eval_x) == 0:
@@ -180,6 +185,8 @@ def probe_features(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.T
         "linear_acc": linear_probe(train_x, train_y, eval_x, eval_y, num_classes,
                                    epochs=cfg.linear_epochs, weight_decay=cfg.linear_weight_decay),
         "knn_acc": knn_probe(train_x, train_y, eval_x, eval_y, num_classes, k=cfg.knn_k),
+        **{f"knn{k}_acc": knn_probe(train_x, train_y, eval_x, eval_y, num_classes, k=k)
+           for k in cfg.knn_extra_k if k != cfg.knn_k},
         "chance": float(counts.max()) / len(eval_y),
     }
 

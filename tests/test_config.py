@@ -12,6 +12,7 @@ from multissl_recipes.clip import ClipConfig
 from multissl_recipes.clm import CLMConfig
 from multissl_recipes.dino import DINOConfig
 from multissl_recipes.finetune_audio_classification import AudioClassificationConfig
+from multissl_recipes.finetune_image_classification import ImageClassificationConfig
 from multissl_recipes.finetune_speech_recognition import SpeechRecognitionConfig
 from multissl_recipes.finetune_text_classification import TextClassificationConfig
 from multissl_recipes.mlm import MLMConfig
@@ -31,7 +32,8 @@ SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip
            "vicreg": VICRegConfig, "dino": DINOConfig,
            "finetune_text_classification": TextClassificationConfig,
            "finetune_speech_recognition": SpeechRecognitionConfig,
-           "finetune_audio_classification": AudioClassificationConfig}
+           "finetune_audio_classification": AudioClassificationConfig,
+           "finetune_image_classification": ImageClassificationConfig}
 ALL_RECIPES = tuple(r.entry_point.value.rsplit(".", 1)[1] for kind in ("pretrain", "finetune")
                     for r in available(kind).values() if r.source == "multissl")
 

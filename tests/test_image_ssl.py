@@ -187,3 +187,23 @@ def test_second_view_overrides_blur_and_solarize_only() -> None:
     assert (cfg.view(0).blur, cfg.view(0).solarize) == (1.0, 0.0)
     assert (cfg.view(1).blur, cfg.view(1).solarize, cfg.view(1).size) == (0.1, 0.2, cfg.size)
     assert AugmentConfig(blur=0.3).view(1).blur == 0.3
+
+
+def test_two_processes_keep_queue_teacher_and_centre_identical(tmp_path: Path) -> None:
+    """Under torchrun with 2 processes, each seeing its own batches: MoCo's queue (keys of both
+    processes, in rank order), key encoder and DINO's teacher and centre end equal on both ranks."""
+    from tests.conftest import BIN, run
+
+    for method in ("moco", "dino"):
+        proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/dist_image_ssl.py",
+                    str(tmp_path), method], timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ranks = [torch.load(tmp_path / f"{method}_rank{r}.pt") for r in (0, 1)]
+        assert not torch.equal(ranks[0]["first_image"], ranks[1]["first_image"]), "each rank sees its own images"
+        for module, state in ranks[0]["state"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(ranks[1]["state"][module][key], value, rtol=0, atol=0, msg=f"{method} {module}.{key}")
+    moco = [torch.load(tmp_path / f"moco_rank{r}.pt") for r in (0, 1)]
+    assert moco[0]["shuffles"] == moco[1]["shuffles"] == 3, "the key encoder saw batches shuffled across processes"
+    # 3 steps x 2 processes x 16 keys were enqueued into 48 rows: the pointer wrapped back to 0
+    assert int(moco[0]["state"]["queue"]["ptr"]) == (3 * 2 * 16) % 48

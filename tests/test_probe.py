@@ -71,7 +71,7 @@ def planted(n: int, dim: int, classes: int, seed: int, noise: float = 0.1) -> tu
 
 
 def metrics_ok(m: dict[str, float]) -> None:
-    assert set(m) == {"linear_acc", "knn_acc", "chance"}
+    assert {"linear_acc", "knn_acc", "chance"} <= set(m) <= {"linear_acc", "knn_acc", "knn200_acc", "chance"}
     for v in m.values():
         assert math.isfinite(v) and 0.0 <= v <= 1.0
 
@@ -217,7 +217,9 @@ def test_planted_linear_signal_is_found(classes):
     metrics_ok(m)
     assert m["linear_acc"] > 0.9, m
     assert m["knn_acc"] > 0.6, m
+    assert m["knn200_acc"] == knn_probe(train_x, train_y, eval_x, eval_y, classes, k=200) > 0.6, m
     assert m["chance"] < 0.6
+    assert "knn200_acc" not in probe_features(train_x, train_y, eval_x, eval_y, classes, ProbeConfig(knn_extra_k=[]))
 
 
 @pytest.mark.parametrize("classes", [2, 5])

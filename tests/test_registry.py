@@ -28,7 +28,7 @@ def test_our_recipes_are_registered_with_their_configs() -> None:
 
 
 def test_unknown_name_suggests_the_closest() -> None:
-    with pytest.raises(MultiSSLError, match=r"unknown recipe 'mml' \(did you mean 'mlm'\?\); available: clip, clm"):
+    with pytest.raises(MultiSSLError, match=r"unknown recipe 'mml' \(did you mean 'mlm'\?\); available: barlow_twins, byol, clip, clm"):
         find("pretrain", "mml")
 
 

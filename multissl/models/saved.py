@@ -54,13 +54,39 @@ def _open_clip(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | No
     return SavedEncoder("image", folder, model, lambda m, xs, bs, dev: F.image_features(m, preprocess, xs, bs, dev))
 
 
+def is_timm_config(config: dict[str, Any] | None) -> bool:
+    """A timm Hub-format config.json: ``architecture`` and no transformers ``model_type``."""
+    return config is not None and "architecture" in config and not config.get("model_type")
+
+
+def find_timm_folder(path: str | Path, key: str = "model.init_from") -> Path:
+    """The timm folder of a run's output_dir (its ``model/``) or the folder itself; a missing folder
+    or one holding another kind of model is a one-line error naming ``key``."""
+    try:
+        folder = find_model_folder(path).model_dir
+    except ConfigError as err:
+        raise ConfigError(f"{key}={str(path)!r}: {err}") from None
+    config = _read_config(folder)
+    if not is_timm_config(config):
+        if config is not None and config.get("model_type"):
+            what = f"a transformers {config['model_type']!r} model"
+        elif (folder / OPEN_CLIP_FILES[0]).is_file():
+            what = "an open_clip model"
+        else:
+            what = "a config.json without 'architecture'"
+        raise ConfigError(f"{key}={str(path)!r}: {folder} holds {what}, not a timm image model "
+                          "(a config.json with 'architecture', as timm's save_for_hf writes)")
+    return folder
+
+
 def _timm(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
-    """A timm Hub-format folder (config.json with ``architecture``): rebuilt by timm, with its own eval transform."""
-    if config is None or "architecture" not in config or config.get("model_type"):
+    """A timm Hub-format folder (config.json with ``architecture``): rebuilt by timm, with its own eval transform.
+    A fine-tuned classifier is rebuilt without its classifier (``num_classes=0``): probes take features."""
+    if not is_timm_config(config):
         return None
     import timm
 
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     return SavedEncoder("image", folder, model,
                         lambda m, xs, bs, dev: F.image_features(m, transform, xs, bs, dev, pooled=True))
@@ -95,15 +121,20 @@ SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None
 """Each returns an encoder for a folder it recognises, else None; image families add theirs here."""
 
 
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    """``folder/config.json``, or None when there is none; unreadable JSON is a one-line error."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
+
+
 def load_saved_encoder(path: str | Path) -> SavedEncoder:
     """The encoder saved in a run's output_dir (its ``model/``) or a model folder."""
     folder = find_model_folder(path).model_dir
-    config = None
-    if (folder / "config.json").is_file():
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
+    config = _read_config(folder)
     if config is not None and not config.get("model_type") and "architecture" not in config:
         raise ConfigError(f"{folder}: cannot load the model (its config.json names no model_type)")
     for kind in SAVED_ENCODERS:

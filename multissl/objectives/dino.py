@@ -96,6 +96,7 @@ class DINO(JointEmbedding):
     """Batches hold the 2 global crops first, then the local ones."""
 
     name = "dino"
+    broadcast_buffers = False  # global and local crops are two forwards (the teacher's statistics are averaged)
     collapse_advice = ("lower loss.teacher_temperature_final, raise loss.center_momentum, lower trainer.lr, "
                        "or lengthen loss.teacher_temperature_warmup")
 

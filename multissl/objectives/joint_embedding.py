@@ -32,6 +32,7 @@ from multissl.models.backbones import (
     set_preprocessing,
 )
 from multissl.models.ema import cosine_momentum, ema_update, momentum_copy
+from multissl.training.distributed import average_buffers
 from multissl.training.objective import ModelCardInfo, Objective, StepOutput, TrainContext
 
 
@@ -181,6 +182,7 @@ class JointEmbedding(Objective):
         m = self.current_momentum(step)
         ema_update(self.target.backbone, online.backbone, m)
         ema_update(self.target.projector, online.projector, m)
+        average_buffers(self.target)  # its batch-norm statistics saw only this process's batches
         return {"momentum": m}
 
     def on_log(self, metrics: dict[str, float], step: int, warmup_steps: int) -> str | None:

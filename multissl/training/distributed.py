@@ -31,6 +31,19 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         torch.distributed.broadcast(tensor.data, src=src)
 
 
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average ``module``'s floating-point buffers over processes: an EMA teacher's batch-norm running
+    statistics, gathered from each process's own batches, become one estimate, the same everywhere."""
+    if not _initialized() or torch.distributed.get_world_size() == 1:
+        return
+    world = torch.distributed.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer.div_(world)
+
+
 class AttributeForwardingDDP(torch.nn.parallel.DistributedDataParallel):
     """DDP whose unknown attributes come from the wrapped module, so an objective's ``compute`` can
     read ``model.config`` or ``model.backbone`` whether or not it runs under several processes."""

@@ -98,6 +98,10 @@ class Objective:
     """The eval metric that picks the exported model (fine-tuning tasks); empty = the last model."""
     modality: Modality | None = None
     """What ``features`` takes: texts, waveforms/paths, or images/paths; None = no encoder to probe."""
+    broadcast_buffers: bool = True
+    """Under DDP, copy rank 0's buffers (batch-norm statistics) to every process before each forward.
+    An objective that forwards the model more than once per step (DINO's crops of two sizes) sets
+    False: the in-place copy between two forwards would break the first one's backward."""
 
     # ------------------------------------------------------------------ data
     def collator(self) -> Collator:

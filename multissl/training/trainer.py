@@ -276,6 +276,7 @@ class Trainer:
         model, optimizer = acc.prepare(objective.model, optimizer)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
+            model.broadcast_buffers = objective.broadcast_buffers
         if cfg.compile:
             model = torch.compile(model)
         self._prepare_auxiliary(objective)
