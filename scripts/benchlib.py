@@ -8,7 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,10 @@ def run_alternating(
     return results
 
 
-def median_table(results: dict[str, list[dict[str, Any]]], sides: Sequence[str], rows: Sequence[Row]) -> str:
-    """Markdown: one row per metric, median [min-max] per side, and the ratio of the first two medians."""
+def median_table(results: dict[str, list[dict[str, Any]]], sides: Sequence[str], rows: Sequence[Row],
+                 ratio_keys: Collection[str] | None = None) -> str:
+    """Markdown: one row per metric, median [min-max] per side, and the ratio of the first two medians
+    (only for the keys in ``ratio_keys`` when given, "-" elsewhere)."""
     ours, theirs = sides[0], sides[1]
     lines = [f"| metric | {' | '.join(sides)} | {ours} / {theirs} |", "|---|" + "---:|" * (len(sides) + 1)]
     for key, label, fmt in rows:
@@ -71,6 +73,7 @@ def median_table(results: dict[str, list[dict[str, Any]]], sides: Sequence[str],
             med = statistics.median(values)
             medians.append(med)
             cells.append(f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]")
-        ratio = f"{medians[0] / medians[1]:.2f}" if medians[1] else "-"
+        wanted = ratio_keys is None or key in ratio_keys
+        ratio = f"{medians[0] / medians[1]:.2f}" if medians[1] and wanted else "-"
         lines.append(f"| {label} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)

@@ -12,8 +12,11 @@ from torch import nn
 
 from multissl.errors import ConfigError, first_line
 
-TINY = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
-"""A resnet18 with one block a stage at a quarter of the width: 0.3M parameters, CPU-friendly."""
+TINY = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "zero_init_last": False, "output_stride": 8}
+"""A resnet18 with one block a stage at a quarter of the width: 0.3M parameters, CPU-friendly. At
+32 px an ImageNet ResNet ends on a 1x1 map; ``output_stride=8`` keeps 4x4 (+27% compute), and
+residual branches that start non-zero give a random init whose features are not a few corner
+pixels. SimCLR, 150 steps on the digits: linear probe 0.853 -> 0.943, kNN 0.711 -> 0.858."""
 
 
 @dataclass
