@@ -169,7 +169,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, _Whole):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -228,7 +230,12 @@ def _set_dotted(tree: dict[str, Any], cls: type, path: list[str], value: Any) ->
                 raise ConfigError(f"unknown config key {'.'.join(path)!r}{unknown.group(2)}") from None
             raise
     else:
-        tree[head] = value
+        tree[head] = _Whole(value) if isinstance(value, dict) and not _is_dataclass_type(tp) else value
+
+
+class _Whole(dict):
+    """An override's value for a mapping field (``model.backbone.kwargs={...}``): it replaces the
+    file's mapping instead of merging into it, so an override can drop keys."""
 
 
 MOVED_SECTIONS = {"trainer.hub": "hub", "trainer.probe": "probe"}

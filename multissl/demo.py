@@ -1,5 +1,5 @@
 """``multissl demo``: the tiny presets on the embedded data, a results table, and what pretraining
-bought on one text and one speech task (the lift reports)."""
+bought on a text, a speech and an image task (the lift reports)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ DEMO_RECIPES: dict[str, tuple[str, str]] = {
     "clm": ("next_token_accuracy", "tokens"),
     "wav2vec2": ("contrastive_accuracy", "audio_seconds"),
     "clip": ("zero_shot_top1", "samples"),
+    "simclr": ("contrastive_accuracy", "samples"),
 }
-DEMO_DATA = {"mlm": "text corpus", "clm": "text corpus", "wav2vec2": "speech corpus", "clip": "shapes images"}
+DEMO_DATA = {"mlm": "text corpus", "clm": "text corpus", "wav2vec2": "speech corpus", "clip": "shapes images",
+             "simclr": "MNIST digits"}
 
 
 # pretraining recipe -> the fine-tuning task its demo lift report runs
-DEMO_LIFT = {"mlm": "text-classification", "wav2vec2": "audio-classification"}
+DEMO_LIFT = {"mlm": "text-classification", "wav2vec2": "audio-classification", "simclr": "image-classification"}
 DEMO_LIFT_FRACTIONS = [0.1, 1.0]
 
 
@@ -72,6 +74,8 @@ def demo_pretraining(output_dir: str, steps: int | None, recipes: list[str] | No
             "perplexity": final.get("perplexity", final.get("codevector_perplexity")),
             "retrieval": final.get("image_to_text_R@1"),
             "retrieval_chance": final.get("retrieval_chance"),
+            "probe": next(({k: r[k] for k in r if k.startswith("probe/")} for r in reversed(history)
+                           if "probe/linear_acc" in r), None),
         })
     return results
 
@@ -82,16 +86,21 @@ def print_results(results: list[dict[str, Any]]) -> None:
     table = [cols] + [[fmt(r[c]) for c in cols] for r in results]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print("\nResults on the held-out split (before = at initialisation). Accuracy: masked token (mlm), next token "
-          "(clm),\npositive frame ranked first among distractors (wav2vec2), zero-shot top-1 over 36 classes (clip). "
+          "(clm),\npositive frame ranked first among distractors (wav2vec2), zero-shot top-1 over 36 classes (clip), "
+          "the other view\nranked first among 2 x batch - 2 (simclr). "
           "Perplexity: of the\ntokens (mlm, clm), of the codebook use (wav2vec2: high = healthy, ~2 = collapsed).")
     for i, row in enumerate(table):
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
     for r in results:
-        loader = "open_clip's create_model_and_transforms('local-dir:...')" if r["recipe"] == "clip" else (
-            "transformers' from_pretrained")
+        loader = {"clip": "open_clip's create_model_and_transforms('local-dir:...')",
+                  "simclr": "timm.create_model('local-dir:...', pretrained=True)"}.get(r["recipe"], "transformers' from_pretrained")
         print(f"  {r['recipe']} model: {r['output']}  (loads with {loader})")
+        if r.get("probe"):
+            p = r["probe"]
+            print(f"    frozen features on held-out digits: linear probe {p['probe/linear_acc']:.3f}, "
+                  f"kNN {p['probe/knn_acc']:.3f} (chance {p['probe/chance']:.3f})")
         if r.get("retrieval") is not None:
             print(f"    held-out image->text R@1 {r['retrieval']:.3f} (chance {r['retrieval_chance']:.4f})")
         for s in r.get("samples") or []:

@@ -129,7 +129,8 @@ def test_demo_runs_every_recipe_and_prints_the_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("Results on the held-out split"):]
     model_files = {"mlm": ["config.json"], "clm": ["config.json"], "wav2vec2": ["config.json"],
-                   "clip": ["open_clip_config.json", "open_clip_model.safetensors"]}
+                   "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
+                   "simclr": ["config.json", "model.safetensors"]}
     for name, files in model_files.items():
         assert all((tmp_path / name / "model" / f).is_file() for f in files), name
         row = next(line.split() for line in table.splitlines() if line.split()[:1] == [name])
@@ -140,8 +141,9 @@ def test_demo_runs_every_recipe_and_prints_the_table(tmp_path: Path) -> None:
     assert "audio-seconds/s" in table
     assert f"clip model: {tmp_path / 'clip' / 'model'}  (loads with open_clip's create_model_and_transforms" in table
     assert "held-out image->text R@1 " in table
-    # the lift reports: one text and one speech task, both arms at 10% and 100% of the labels
-    for task in ("text-classification", "audio-classification"):
+    assert "frozen features on held-out digits: linear probe " in table
+    # the lift reports: a text, a speech and an image task, both arms at 10% and 100% of the labels
+    for task in ("text-classification", "audio-classification", "image-classification"):
         assert f"SSL lift on {task}" in table
         report = json.loads((tmp_path / f"lift-{task}" / "lift.json").read_text())
         assert len(report["runs"]) == 4 and (tmp_path / f"lift-{task}" / "lift.png").is_file()

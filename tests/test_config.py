@@ -190,3 +190,12 @@ def test_a_shipped_config_is_found_by_name(tmp_path: Path) -> None:
     assert by_name == by_path and by_name.model.size == "small"
     with pytest.raises(ConfigError, match=r"config file not found: smal \(shipped configs: base, roberta_tiny, small, tiny\)"):
         config.load(MLMConfig, ["--config", "smal"], mlm.DEFAULT_CONFIG)
+
+
+def test_an_override_of_a_mapping_replaces_it_and_a_section_merges() -> None:
+    from multissl_recipes.simclr import DEFAULT_CONFIG
+
+    cfg = config.build(SimCLRConfig, DEFAULT_CONFIG, ["model.backbone.kwargs={img_size: 32}"])
+    assert cfg.model.backbone.kwargs == {"img_size": 32}, "the file's layers/channels are dropped"
+    cfg = config.build(SimCLRConfig, DEFAULT_CONFIG, ["model.projector={out: 16}"])
+    assert cfg.model.projector.out == 16 and cfg.model.projector.hidden == [256], "a section keeps the file's other keys"

@@ -54,6 +54,12 @@ def test_every_method_trains_and_exports_a_timm_backbone(method: str, tmp_path: 
         torch.testing.assert_close(model(x), result.model.eval()(x))
     card = (out / "model" / "README.md").read_text()
     assert "library_name: timm" in card and method in card
+    if method == "simclr":  # transformers' timm wrapper loads the same folder, with no multissl code
+        from transformers import AutoModel
+
+        wrapped = AutoModel.from_pretrained(out / "model").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(pixel_values=x).pooler_output, model(x))
 
 
 @pytest.mark.parametrize("method", ["moco", "byol", "dino"])
@@ -207,3 +213,19 @@ def test_two_processes_keep_queue_teacher_and_centre_identical(tmp_path: Path) -
     assert moco[0]["shuffles"] == moco[1]["shuffles"] == 3, "the key encoder saw batches shuffled across processes"
     # 3 steps x 2 processes x 16 keys were enqueued into 48 rows: the pointer wrapped back to 0
     assert int(moco[0]["state"]["queue"]["ptr"]) == (3 * 2 * 16) % 48
+
+
+def test_dino_trains_a_vit_on_crops_of_two_sizes(tmp_path: Path) -> None:
+    """A timm ViT with dynamic image size takes the 16 px global and 8 px local crops; the teacher
+    it exports loads in timm and gives the same features."""
+    import timm
+
+    out = tmp_path / "vit"
+    vit = "{img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, dynamic_img_size: true}"
+    result = _recipe("dino").main(_args(out, 2, "dino", **{"model.backbone.name": "vit_tiny_patch16_224",
+                                                           "model.backbone.kwargs": vit}))
+    assert math.isfinite(result.final_metrics["loss"])
+    model = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.model.eval()(x))
