@@ -95,6 +95,9 @@ def test_moco_queue_holds_the_newest_keys_and_v3_runs(tmp_path: Path) -> None:
     assert int(objective.queue.ptr) == 2
     torch.testing.assert_close(objective.queue.keys[16:24], keys[:8])
     torch.testing.assert_close(objective.queue.keys[:2], keys[8:10])
+    snapshot = objective.queue.keys.clone()
+    assert not objective.queue.push(torch.full((4, cfg.model.projector.out), float("nan")))
+    assert torch.equal(objective.queue.keys, snapshot) and int(objective.queue.ptr) == 2, "NaN keys are not enqueued"
     result = recipe.main(_args(tmp_path / "v3", 2, "moco", **{"model.version": 3, "model.projector.hidden": "[32]",
                                                               "model.projector.out": 16, "model.predictor.hidden": "[32]",
                                                               "model.predictor.out": 16, "loss.temperature": 1.0}))
@@ -229,3 +232,23 @@ def test_dino_trains_a_vit_on_crops_of_two_sizes(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), result.model.eval()(x))
+
+
+def test_a_non_finite_teacher_leaves_dinos_centre_alone(tmp_path: Path) -> None:
+    from multissl import config
+    from multissl.objectives.dino import DINO
+
+    recipe = _recipe("dino")
+    cfg = config.load(recipe.DINOConfig, _args(tmp_path, 2, "dino"), recipe.DEFAULT_CONFIG)
+    objective = DINO(cfg.model, cfg.loss, cfg.local, augment=cfg.augment)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    batch = {"views": views, "labels": torch.zeros(4, dtype=torch.long)}
+    objective.model.train()
+    objective.compute(objective.model, batch)
+    good = objective.center.center.clone()
+    assert torch.isfinite(good).all() and good.abs().sum() > 0, "a finite step moves the centre"
+    with torch.no_grad():
+        next(objective.target.parameters()).fill_(float("nan"))
+    out = objective.compute(objective.model, batch)
+    assert not torch.isfinite(out["loss"].value), "the trainer's guard then skips this step"
+    assert torch.equal(objective.center.center, good)

@@ -7,19 +7,17 @@ durations from the headers, and cuts the buffer into duration batches under the 
 as `DurationBatchSampler` does for a whole epoch. A file that cannot be read goes to the collator
 with length 0, which counts and skips it like any other bad file. Resume replays the stream up to
 the saved batch (streams cannot seek); each batch's seed depends only on its position, so the
-replayed batches are the same.
+replayed batches are the same. The buffering, sharding, seeds and replay are the shared
+`multissl.training.loader.BufferedStream` and `split_by_node`, which streamed images use too.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from multissl.data.audio import (
     OPTIONAL_COLUMNS,
@@ -31,7 +29,7 @@ from multissl.data.audio import (
 )
 from multissl.data.sources import open_dataset
 from multissl.errors import DataError
-from multissl.training.loader import batch_seed
+from multissl.training.loader import BufferedStream, split_by_node
 
 
 class AudioStream:
@@ -47,26 +45,19 @@ class AudioStream:
                     world_size: int, split_tag: int) -> DurationStream:
         """``batch_size`` and ``drop_last`` are unused: the samples budget sizes the batches, and a
         stream's last batch is kept (processes may end epochs at different batches)."""
-        source = self.source
-        if world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            source = split_dataset_by_node(source, rank=rank, world_size=world_size)
-        return DurationStream(source, self.cfg, seed=seed, shuffle=shuffle, split_tag=split_tag, rank=rank)
+        return DurationStream(split_by_node(self.source, rank, world_size), self.cfg, seed=seed, shuffle=shuffle,
+                              split_tag=split_tag, rank=rank)
 
 
-class DurationStream(torch.utils.data.IterableDataset):
-    """``(rows, batch_seed)`` batches of a stream, cut by duration within buffers of utterances."""
+class DurationStream(BufferedStream):
+    """``(rows, batch_seed)`` batches of a stream, cut by duration within buffers of
+    ``data.shuffle_buffer`` utterances (the buffering, seeds and resume are `BufferedStream`'s)."""
 
     def __init__(self, source: Any, cfg: AudioDataConfig, *, seed: int, shuffle: bool, split_tag: int,
                  rank: int) -> None:
-        self.source, self.cfg = source, cfg
-        self.seed, self.shuffle, self.split_tag, self.rank = seed, shuffle, split_tag, rank
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+        super().__init__(source, self._cut, buffer_size=cfg.shuffle_buffer, seed=seed, shuffle=shuffle,
+                         split_tag=split_tag, rank=rank)
+        self.cfg = cfg
 
     def _length(self, row: dict[str, Any]) -> int:
         """Samples after resampling and cropping; 0 for a file whose header cannot be read."""
@@ -78,21 +69,11 @@ class DurationStream(torch.utils.data.IterableDataset):
             return -1
         return min(math.ceil(seconds * self.cfg.sample_rate - 1e-6), self.cfg.max_samples)
 
-    def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], int]]:
-        rows = iter(self.source)
-        b = 0
-        for chunk_index in itertools.count():
-            chunk = list(itertools.islice(rows, max(1, self.cfg.shuffle_buffer)))
-            if not chunk:
-                return
-            lengths = np.array([self._length(r) for r in chunk], dtype=np.int64)
-            keep = np.flatnonzero(lengths >= 0)  # too short: dropped, as when loading a whole corpus
-            rng = (np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch, chunk_index, self.rank))
-                   if self.shuffle else None)
-            for batch in duration_batches(lengths[keep], self.cfg.max_batch_samples, rng):
-                if b >= self.start_batch:
-                    yield [chunk[keep[i]] for i in batch], batch_seed(self.seed, self.split_tag, self.epoch, b, self.rank)
-                b += 1
+    def _cut(self, chunk: list[dict[str, Any]], rng: np.random.Generator | None) -> list[list[int]]:
+        """A buffer's duration batches; too-short utterances are dropped, as when loading a whole corpus."""
+        lengths = np.array([self._length(r) for r in chunk], dtype=np.int64)
+        keep = np.flatnonzero(lengths >= 0)
+        return [[int(keep[i]) for i in batch] for batch in duration_batches(lengths[keep], self.cfg.max_batch_samples, rng)]
 
 
 # ------------------------------------------------------------------------------- sources

@@ -31,7 +31,7 @@ from multissl.data.images import BadImage, image_cell, load_image, seeded_rngs
 from multissl.data.labels import LabelMap, class_label_names, clean_label, sorted_names
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError
-from multissl.training.loader import DatasetView
+from multissl.training.loader import DatasetView, SeededStream, split_by_node
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 METADATA_IMAGE_KEY = "file_name"  # imagefolder's column naming each image, relative to the metadata file
@@ -182,19 +182,13 @@ class ImageTextStream:
             self.data.set_epoch(epoch)
 
     def shard(self, rank: int, world_size: int) -> ImageTextStream:
-        """This process's part of the stream (`datasets.distributed.split_dataset_by_node`)."""
-        from datasets.distributed import split_dataset_by_node
-
-        return ImageTextStream(split_dataset_by_node(self.data, rank=rank, world_size=world_size), self.classnames,
-                               self.source)
+        """This process's part of the stream (`multissl.training.loader.split_by_node`)."""
+        return ImageTextStream(split_by_node(self.data, rank, world_size), self.classnames, self.source)
 
     def make_stream(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int,
                     world_size: int, split_tag: int) -> Any:
         """`make_loader`'s hook: this process's shard, in fixed-size batches tagged with their seeds."""
-        from multissl.training.loader import SeededStream
-
-        part = self.shard(rank, world_size) if world_size > 1 else self
-        return SeededStream(part, batch_size, seed=seed, split_tag=split_tag, rank=rank)
+        return SeededStream(self.shard(rank, world_size), batch_size, seed=seed, split_tag=split_tag, rank=rank)
 
 
 # ------------------------------------------------------------------------------- rows and labels

@@ -140,8 +140,9 @@ class DINO(JointEmbedding):
         center = self.center.center
         temperature = self.teacher_temperature()
         loss = dino_loss(student, teacher, center, self.loss_cfg.student_temperature, temperature)
-        if model.training:
-            self.center.center.copy_(update_center(center, teacher, self.loss_cfg.center_momentum, self.gather))
+        if model.training:  # a non-finite teacher output (fp16 overflow) must not poison the centre for good
+            new = update_center(center, teacher, self.loss_cfg.center_momentum, self.gather)
+            self.center.center.copy_(torch.where(torch.isfinite(new), new, center))
         with torch.no_grad():  # how peaked the teacher's targets are: its entropy falls as it sharpens
             probs = torch.softmax((teacher[0] - center) / temperature, dim=-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()

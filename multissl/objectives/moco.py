@@ -72,8 +72,13 @@ class KeyQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
+    def push(self, keys: torch.Tensor) -> bool:
+        """Enqueue ``keys`` unless any is non-finite (a step the trainer will skip must not leave NaN
+        negatives behind); returns whether they were enqueued."""
+        if not bool(torch.isfinite(keys).all()):
+            return False
         self.ptr.fill_(enqueue(self.keys, int(self.ptr), nn.functional.normalize(keys.float(), dim=1)))
+        return True
 
 
 class MoCo(JointEmbedding):

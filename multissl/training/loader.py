@@ -142,15 +142,63 @@ class SeededCollate:
         return self.collate(samples, torch.Generator().manual_seed(seed))
 
 
-class SeededStream(IterableDataset):
-    """Streaming counterpart: groups an iterable into batches, each tagged with its seed.
+def split_by_node(source: Any, rank: int, world_size: int) -> Any:
+    """This process's part of a `datasets` stream (``split_dataset_by_node``: whole shards when the
+    shard count divides by ``world_size``, else every ``world_size``-th row); the stream itself on one
+    process. Every streamed modality shards here, so all of them split a source the same way."""
+    if world_size <= 1:
+        return source
+    from datasets.distributed import split_dataset_by_node
 
-    Resume skips the consumed batches by reading past them (streams cannot seek).
+    return split_dataset_by_node(source, rank=rank, world_size=world_size)
+
+
+Cut = Callable[[list[dict[str, Any]], "np.random.Generator | None"], list[list[int]]]
+"""How a buffer of rows becomes batches: ``(rows, rng) -> batches of indices into rows``; ``rng`` is
+None when not shuffling (eval), else seeded by the buffer's position."""
+
+
+class FixedSizeBatches:
+    """A `Cut` into batches of ``batch_size`` rows, of a permutation of the buffer when shuffling.
+    ``drop_last`` drops a short batch (only the stream's last buffer has one when the buffer is a
+    multiple of the batch size, see `fixed_size_buffer`), as `ShardedBatchSampler` does for training."""
+
+    def __init__(self, batch_size: int, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __call__(self, rows: list[dict[str, Any]], rng: np.random.Generator | None) -> list[list[int]]:
+        order = rng.permutation(len(rows)).tolist() if rng is not None else list(range(len(rows)))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+
+def fixed_size_buffer(buffer_rows: int, batch_size: int) -> int:
+    """``buffer_rows`` rounded down to a whole number of batches (at least one), so that buffers cut
+    into full batches and no short batch appears mid-epoch."""
+    return max(1, buffer_rows // batch_size) * batch_size
+
+
+class BufferedStream(IterableDataset):
+    """``(rows, batch_seed)`` batches of a stream, cut buffer by buffer: what every streamed source
+    shares (audio cuts its buffers by duration, images and image-text into fixed-size batches).
+
+    Rows are read ``buffer_size`` at a time and ``cut`` into batches; with ``shuffle`` the cut gets a
+    generator seeded by ``(seed, split, epoch, buffer number, rank)``, so a buffer's batches depend
+    only on its rows and its position. Batch ``b`` of the epoch carries ``batch_seed(seed, split,
+    epoch, b, rank)``. Streams cannot seek, so resume (``set_epoch(epoch, start_batch)``) reads and
+    cuts the stream again and drops the first ``start_batch`` batches: the replayed batches and their
+    seeds are those of an unbroken run. ``set_epoch`` reaches the source too (a `datasets` stream
+    reshuffles its shards by epoch).
     """
 
-    def __init__(self, source: Any, batch_size: int, *, seed: int, split_tag: int = 0, rank: int = 0) -> None:
-        self.source, self.batch_size = source, batch_size
-        self.seed, self.split_tag, self.rank = seed, split_tag, rank
+    def __init__(self, source: Any, cut: Cut, *, buffer_size: int, seed: int, shuffle: bool, split_tag: int = 0,
+                 rank: int = 0) -> None:
+        self.source, self.cut, self.buffer_size = source, cut, max(1, buffer_size)
+        self.seed, self.shuffle, self.split_tag, self.rank = seed, shuffle, split_tag, rank
         self.epoch = 0
         self.start_batch = 0
 
@@ -162,13 +210,25 @@ class SeededStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], int]]:
         it = iter(self.source)
         b = 0
-        while True:
-            chunk = list(itertools.islice(it, self.batch_size))
+        for chunk_index in itertools.count():
+            chunk = list(itertools.islice(it, self.buffer_size))
             if not chunk:
                 return
-            if b >= self.start_batch:
-                yield chunk, batch_seed(self.seed, self.split_tag, self.epoch, b, self.rank)
-            b += 1
+            rng = (np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch, chunk_index, self.rank))
+                   if self.shuffle else None)
+            for batch in self.cut(chunk, rng):
+                if b >= self.start_batch:
+                    yield [chunk[i] for i in batch], batch_seed(self.seed, self.split_tag, self.epoch, b, self.rank)
+                b += 1
+
+
+class SeededStream(BufferedStream):
+    """A stream grouped in order into batches of ``batch_size`` (the last may be short): a
+    `BufferedStream` whose buffer is one batch, for iterables without a batching of their own."""
+
+    def __init__(self, source: Any, batch_size: int, *, seed: int, split_tag: int = 0, rank: int = 0) -> None:
+        super().__init__(source, FixedSizeBatches(batch_size), buffer_size=batch_size, seed=seed, shuffle=False,
+                         split_tag=split_tag, rank=rank)
 
 
 def make_loader(
@@ -190,7 +250,10 @@ def make_loader(
 
     A dataset with a ``make_batch_sampler(batch_size=, seed=, shuffle=, drop_last=, rank=, world_size=,
     split_tag=)`` method brings its own batch sampler (same protocol as `ShardedBatchSampler`); one
-    with ``make_stream(...)`` (same arguments) its own iterable of ``(samples, seed)`` batches.
+    with ``make_stream(...)`` (same arguments) its own iterable of ``(samples, seed)`` batches,
+    usually a `BufferedStream`. Streams are read in this process (``num_workers`` is ignored for
+    them): a `datasets` stream iterated inside DataLoader workers hands each worker only some of its
+    shards, which would make the batches depend on the worker count.
     """
     common: dict[str, Any] = {
         "collate_fn": SeededCollate(collate),
@@ -205,7 +268,7 @@ def make_loader(
         common["prefetch_factor"] = 4
         common["multiprocessing_context"] = multiprocessing_context
     kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
-    if hasattr(data, "make_stream"):  # e.g. streamed audio: its own batching of the stream
+    if hasattr(data, "make_stream"):  # streamed audio, images, image-text: their own batching of the stream
         stream = data.make_stream(batch_size=batch_size, **kw)
         return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
