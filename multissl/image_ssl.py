@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multissl.callbacks import recipe_trainer
-from multissl.data.image_data import ImageDataConfig, prepare_images
+from multissl.data.image_data import ImageDataConfig, ImageStream, prepare_images, stream_images
 from multissl.data.views import AugmentConfig
 from multissl.hub import HubConfig
 from multissl.objectives.joint_embedding import CollapseConfig, JointEmbedding
@@ -29,12 +29,15 @@ class ImageSSLSections:
 
 
 def fit_image_ssl(cfg: Any, make: Callable[..., JointEmbedding]) -> FitResult:
-    """Prepare the images, build the objective with ``make(augment=, on_bad_image=, max_image_pixels=,
+    """Prepare (or, with ``data.streaming``, stream) the images, build the objective with ``make(augment=, on_bad_image=, max_image_pixels=,
     collapse=)`` and train it."""
     trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
-        train, held_out = prepare_images(cfg.data)
-    trainer.print(f"{train.source}: {len(train)} training and {len(held_out) if held_out else 0} held-out images")
+        train, held_out = (stream_images if cfg.data.streaming else prepare_images)(cfg.data)
+    if isinstance(train, ImageStream):  # nothing is counted up front: that is the point of a stream
+        trainer.print(f"{train.source}: streaming, {cfg.data.validation_fraction:.0%} held out by name")
+    else:
+        trainer.print(f"{train.source}: {len(train)} training and {len(held_out) if held_out else 0} held-out images")
     objective = make(augment=cfg.augment, on_bad_image=cfg.data.on_bad_image,
                      max_image_pixels=cfg.data.max_image_pixels, collapse=cfg.collapse)
     return trainer.fit(objective, train, held_out)

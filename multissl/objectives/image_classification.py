@@ -100,6 +100,9 @@ class LabelledImageDataConfig(ImageDataConfig):
         if self.eval_split and not self.dataset:
             raise ConfigError("data.eval_split names a split of data.dataset; with data.files, "
                               "the eval images are held out by data.validation_fraction")
+        if self.streaming:
+            raise ConfigError("data.streaming is not supported for fine-tuning (label maps and label_fraction "
+                              "subsets need the whole set)")
         if not self.eval_split and self.validation_fraction == 0:
             raise ConfigError("fine-tuning needs an eval split: set data.validation_fraction > 0 or data.eval_split")
 

@@ -268,12 +268,15 @@ def make_loader(
         common["prefetch_factor"] = 4
         common["multiprocessing_context"] = multiprocessing_context
     kw = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last, "rank": rank, "world_size": world_size, "split_tag": split_tag}
+    # Streams run in this process: no workers, hence none of the worker-only options either.
+    in_process = {k: v for k, v in common.items() if k not in ("prefetch_factor", "multiprocessing_context")}
+    in_process["num_workers"] = 0
     if hasattr(data, "make_stream"):  # streamed audio, images, image-text: their own batching of the stream
         stream = data.make_stream(batch_size=batch_size, **kw)
-        return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
+        return DataLoader(stream, batch_size=None, **in_process), stream
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__len__"):
         stream = SeededStream(data, batch_size, seed=seed, split_tag=split_tag, rank=rank)
-        return DataLoader(stream, batch_size=None, **{**common, "num_workers": 0}), stream
+        return DataLoader(stream, batch_size=None, **in_process), stream
     if hasattr(data, "make_batch_sampler"):  # e.g. audio: batches by duration under a samples budget
         sampler = data.make_batch_sampler(batch_size=batch_size, **kw)
     else:
