@@ -18,7 +18,8 @@ The same on both sides (the lightly side reads every value from our recipe's res
 * the images: the embedded digits' training split (4,005 MNIST PNGs), copied once into one folder
   in the imagefolder layout that both sides read; the held-out digits never reach either side;
 * the backbone: timm's resnet18 at our tiny preset (``layers=[1,1,1,1]``,
-  ``channels=[16,32,64,128]``, ``num_classes=0``), with identical initial weights. The recipe has
+  ``channels=[16,32,64,128]``, ``zero_init_last=False``, ``output_stride=8``, ``num_classes=0``:
+  the preset's ``model.backbone.kwargs``), with identical initial weights. The recipe has
   no key to start from given backbone weights, so the bench builds them once after
   ``torch.manual_seed(0)`` and saves them (``init.pt``); our trainer seeds the same way before it
   builds its backbone, the lightly side loads ``init.pt``, and each child checks at its first
