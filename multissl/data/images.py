@@ -96,6 +96,28 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise BadImage(f"{name}: cannot decode image ({first_line(err)})") from None
 
 
+def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",
+                   max_pixels: int = 64_000_000) -> tuple[list[tuple[dict[str, Any], Any]], int]:
+    """``([(sample, RGB image), ...], skipped)`` for a batch's rows ``{"path", "bytes"?}``: a bad
+    image is counted, warned about (the first 3) and left out, or raised with ``on_bad_image="error"``;
+    a batch with no usable image is an error naming the first bad one."""
+    kept: list[tuple[dict[str, Any], Any]] = []
+    skipped, first_error = 0, None
+    for sample in samples:
+        try:
+            kept.append((sample, load_image(sample.get("bytes") or sample["path"], sample["path"], max_pixels)))
+        except BadImage as err:
+            if on_bad_image == "error":
+                raise
+            skipped += 1
+            first_error = first_error or err
+            if skipped <= 3:
+                print(f"warning: skipped an image: {err}", flush=True)
+    if not kept:
+        raise DataError(f"none of the {len(samples)} images in a batch could be used; the first: {first_error}")
+    return kept, skipped
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed torch's, Python's and numpy's global generators for the block, then put them back.

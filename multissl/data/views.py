@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from multissl.data.images import BadImage, load_image, seeded_rngs
-from multissl.errors import ConfigError, DataError
+from multissl.data.images import decode_or_skip, seeded_rngs
+from multissl.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,24 +101,12 @@ class ViewsCollator:
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         views: list[list[torch.Tensor]] = [[] for _ in self.transforms]
-        labels, skipped, first_error = [], 0, None
+        kept, skipped = decode_or_skip(samples, self.on_bad_image, self.max_image_pixels)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with seeded_rngs(seed):  # once a batch: the transforms draw from the global generators
-            for sample in samples:
-                try:
-                    img = load_image(sample.get("bytes") or sample["path"], sample["path"], self.max_image_pixels)
-                except BadImage as err:
-                    if self.on_bad_image == "error":
-                        raise
-                    skipped += 1
-                    first_error = first_error or err
-                    if skipped <= 3:
-                        print(f"warning: skipped an image: {err}", flush=True)
-                    continue
+            for _, img in kept:
                 for out, transform in zip(views, self.transforms):
                     out.append(transform(img))
-                labels.append(int(sample.get("label", -1)))
-        if not labels:
-            raise DataError(f"none of the {len(samples)} images in a batch could be used; the first: {first_error}")
+        labels = [int(sample.get("label", -1)) for sample, _ in kept]
         return {"views": [torch.stack(v) for v in views], "labels": torch.tensor(labels, dtype=torch.long),
                 "skipped": skipped}

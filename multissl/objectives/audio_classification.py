@@ -27,7 +27,7 @@ from multissl.data.audio import AudioDataset
 from multissl.data.audio_tasks import LabelledAudioDataConfig, prepare_labelled_audio
 from multissl.data.labels import LabelMap, infer_label_map
 from multissl.errors import ConfigError, DataError
-from multissl.objectives.classification import classification_step, prediction_rows, summarize_classification
+from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import ModelCardInfo, Objective
 
@@ -208,12 +208,7 @@ class AudioClassification(Objective):
                 "skipped_audio_files": int(batch["skipped"])}
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits
-        out = classification_step(logits, batch["labels"], self.labels.num_labels)
-        if model.training:  # per-class counts only feed eval summaries (macro-F1): not train logs
-            return {k: v for k, v in out.items() if not k.startswith("_")}
-        out["predictions"] = prediction_rows(logits, batch["labels"], self.labels, batch["path"], "path")
-        return out
+        return labelled_step(model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits, batch, self.labels, model.training)
 
     def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
         return summarize_classification(metrics, self.labels.num_labels)

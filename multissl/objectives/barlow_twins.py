@@ -40,19 +40,19 @@ class BarlowTwinsLossConfig:
             raise ConfigError(f"loss.lambda_offdiag must be >= 0, got {self.lambda_offdiag}")
 
 
-def redundancy_model(cfg: RedundancyModelConfig, backbone: nn.Module) -> JointEmbeddingModel:
-    return JointEmbeddingModel(backbone, mlp(cfg.projector.dims(feature_width(backbone))))
+class RedundancyReduction(JointEmbedding):
+    """Barlow Twins and VICReg: the same backbone + wide projector, differing only in the loss."""
 
-
-class BarlowTwins(JointEmbedding):
-    name = "barlow_twins"
-
-    def __init__(self, model: RedundancyModelConfig, loss: BarlowTwinsLossConfig, **kwargs: Any) -> None:
+    def __init__(self, model: RedundancyModelConfig, loss: Any, **kwargs: Any) -> None:
         self.model_cfg, self.loss_cfg = model, loss
         super().__init__(model.backbone, **kwargs)
 
     def build_model(self, backbone: nn.Module) -> JointEmbeddingModel:
-        return redundancy_model(self.model_cfg, backbone)
+        return JointEmbeddingModel(backbone, mlp(self.model_cfg.projector.dims(feature_width(backbone))))
+
+
+class BarlowTwins(RedundancyReduction):
+    name = "barlow_twins"
 
     def loss(self, model: nn.Module, views: list[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         features, (z1, z2), _ = two_views(model, views)

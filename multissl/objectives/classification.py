@@ -69,6 +69,17 @@ def prediction_rows(logits: torch.Tensor, labels: torch.Tensor, labels_map: Labe
     ]
 
 
+def labelled_step(logits: torch.Tensor, batch: dict[str, Any], labels_map: LabelMap, training: bool,
+                  input_key: str = "path") -> dict[str, Any]:
+    """A classification task's step output: loss and accuracy; in eval also the per-class counts
+    (for macro-F1) and one prediction row per example, keyed by ``batch[input_key]``."""
+    out = classification_step(logits, batch["labels"], labels_map.num_labels)
+    if training:  # per-class counts only feed eval summaries (macro-F1): not train logs
+        return {k: v for k, v in out.items() if not k.startswith("_")}
+    out["predictions"] = prediction_rows(logits, batch["labels"], labels_map, batch[input_key], input_key)
+    return out
+
+
 @dataclass
 class LabelledTextCollator:
     """Tokenized texts (or pairs) padded to the batch's longest, with their labels."""

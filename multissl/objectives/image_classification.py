@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from multissl.data.image_data import ImageDataConfig, ImageDataset, prepare_images
-from multissl.data.images import BadImage, load_image, seeded_rngs
+from multissl.data.images import decode_or_skip, seeded_rngs
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
-from multissl.objectives.classification import classification_step, prediction_rows, summarize_classification
+from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.run_folder import looks_local
 from multissl.training.objective import ModelCardInfo, Objective
 
@@ -231,25 +231,12 @@ class LabelledImageCollator:
     max_image_pixels: int = 64_000_000
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        pixels, labels, paths, skipped, first_error = [], [], [], 0, None
+        kept, skipped = decode_or_skip(samples, self.on_bad_image, self.max_image_pixels)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with seeded_rngs(seed):
-            for sample in samples:
-                try:
-                    img = load_image(sample.get("bytes") or sample["path"], sample["path"], self.max_image_pixels)
-                except BadImage as err:
-                    if self.on_bad_image == "error":
-                        raise
-                    skipped += 1
-                    first_error = first_error or err
-                    if skipped <= 3:
-                        print(f"warning: skipped an image: {err}", flush=True)
-                    continue
-                pixels.append(self.transform(img))
-                labels.append(int(sample["label"]))
-                paths.append(str(sample["path"]))
-        if not pixels:
-            raise DataError(f"none of the {len(samples)} images in a batch could be used; the first: {first_error}")
+            pixels = [self.transform(img) for _, img in kept]
+        labels = [int(sample["label"]) for sample, _ in kept]
+        paths = [str(sample["path"]) for sample, _ in kept]
         return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long),
                 "path": paths, "skipped": skipped}
 
@@ -281,12 +268,7 @@ class ImageClassification(Objective):
         return {"samples": int(batch["labels"].shape[0]), "skipped_images": int(batch["skipped"])}
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = model(batch["pixel_values"])
-        out = classification_step(logits, batch["labels"], self.labels.num_labels)
-        if model.training:  # per-class counts only feed eval summaries (macro-F1): not train logs
-            return {k: v for k, v in out.items() if not k.startswith("_")}
-        out["predictions"] = prediction_rows(logits, batch["labels"], self.labels, batch["path"], "path")
-        return out
+        return labelled_step(model(batch["pixel_values"]), batch, self.labels, model.training)
 
     def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
         return summarize_classification(metrics, self.labels.num_labels)

@@ -12,8 +12,8 @@ from torch import nn
 
 from multissl.errors import ConfigError
 from multissl.losses.vicreg import vicreg_loss
-from multissl.objectives.barlow_twins import RedundancyModelConfig, redundancy_model
-from multissl.objectives.joint_embedding import JointEmbedding, JointEmbeddingModel, two_views
+from multissl.objectives.barlow_twins import RedundancyReduction
+from multissl.objectives.joint_embedding import two_views
 
 
 @dataclass
@@ -27,15 +27,8 @@ class VICRegLossConfig:
             raise ConfigError("loss.invariance, loss.variance and loss.covariance must be >= 0")
 
 
-class VICReg(JointEmbedding):
+class VICReg(RedundancyReduction):
     name = "vicreg"
-
-    def __init__(self, model: RedundancyModelConfig, loss: VICRegLossConfig, **kwargs: Any) -> None:
-        self.model_cfg, self.loss_cfg = model, loss
-        super().__init__(model.backbone, **kwargs)
-
-    def build_model(self, backbone: nn.Module) -> JointEmbeddingModel:
-        return redundancy_model(self.model_cfg, backbone)
 
     def loss(self, model: nn.Module, views: list[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         features, (z1, z2), _ = two_views(model, views)
