@@ -104,6 +104,8 @@ def write_model_card(model_dir: Path, info: ModelCardInfo, state: Any, final_met
         *[f"| {k} | {_fmt(v)} |" for k, v in sorted(numeric.items())],
         "",
         *(["## Loss curve", "", f"![Training and held-out loss against optimizer steps]({LOSS_CURVE})", ""] if curve else []),
+        *[line for file, caption in info.figures if (model_dir / file).is_file()
+          for line in (f"## {caption.split(':')[0]}", "", f"![{caption}]({file})", "")],
         "## How to use",
         "",
         _usage_marker(model_dir),

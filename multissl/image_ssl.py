@@ -11,8 +11,9 @@ from multissl.callbacks import recipe_trainer
 from multissl.data.image_data import ImageDataConfig, ImageStream, prepare_images, stream_images
 from multissl.data.views import AugmentConfig
 from multissl.hub import HubConfig
-from multissl.objectives.joint_embedding import CollapseConfig, JointEmbedding
+from multissl.objectives.joint_embedding import CollapseConfig
 from multissl.probe import ProbeConfig
+from multissl.training.objective import Objective
 from multissl.training.state import FitResult
 
 
@@ -28,9 +29,10 @@ class ImageSSLSections:
     hub: HubConfig = field(default_factory=HubConfig)
 
 
-def fit_image_ssl(cfg: Any, make: Callable[..., JointEmbedding]) -> FitResult:
-    """Prepare (or, with ``data.streaming``, stream) the images, build the objective with ``make(augment=, on_bad_image=, max_image_pixels=,
-    collapse=)`` and train it."""
+def fit_image_ssl(cfg: Any, make: Callable[..., Objective]) -> FitResult:
+    """Prepare (or, with ``data.streaming``, stream) the images, build the objective with ``make(augment=,
+    on_bad_image=, max_image_pixels=, collapse=)`` and train it. An objective with ``show_held_out``
+    (MAE: its reconstruction picture) is handed the held-out images first."""
     trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
         train, held_out = (stream_images if cfg.data.streaming else prepare_images)(cfg.data)
@@ -40,4 +42,6 @@ def fit_image_ssl(cfg: Any, make: Callable[..., JointEmbedding]) -> FitResult:
         trainer.print(f"{train.source}: {len(train)} training and {len(held_out) if held_out else 0} held-out images")
     objective = make(augment=cfg.augment, on_bad_image=cfg.data.on_bad_image,
                      max_image_pixels=cfg.data.max_image_pixels, collapse=cfg.collapse)
+    if hasattr(objective, "show_held_out"):
+        objective.show_held_out(held_out)
     return trainer.fit(objective, train, held_out)

@@ -67,3 +67,20 @@ def _finish(fig: Any, ax: Any, out: Path) -> Path:
     fig.savefig(out, format="png")
     plt.close(fig)
     return out
+
+
+def image_grid(rows: list[list[Any]], out: Path, cell: int = 96, gap: int = 2) -> Path:
+    """A grid of (3, H, W) tensors in [0, 1], one row per list, each cell enlarged to ``cell`` pixels
+    (nearest neighbour: small images stay crisp); written as PNG."""
+    from PIL import Image
+
+    width = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (width * (cell + gap) + gap, len(rows) * (cell + gap) + gap), "white")
+    for i, row in enumerate(rows):
+        for j, tensor in enumerate(row):
+            pixels = (tensor.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (gap + j * (cell + gap), gap + i * (cell + gap)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

@@ -112,7 +112,80 @@ def clip_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def simclr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from multissl_recipes import simclr
+
+    out = tmp_path_factory.mktemp("simclr") / "run"
+    simclr.main([f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.trackers=[]",
+                 "trainer.log_every=1", "trainer.eval_every=0", "trainer.batch_size=16", "trainer.eval_max_batches=1",
+                 "probe.task=\"\"", "augment.size=16"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from multissl_recipes import mae
+
+    out = tmp_path_factory.mktemp("mae") / "run"
+    mae.main([f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.trackers=[]",
+              "trainer.log_every=1", "trainer.eval_every=0", "trainer.batch_size=16", "trainer.eval_max_batches=1",
+              "probe.task=\"\"", "augment.size=16",
+              "model.config={patch_size: 4, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+              "intermediate_size: 64, decoder_hidden_size: 32, decoder_num_hidden_layers: 1, "
+              "decoder_num_attention_heads: 2, decoder_intermediate_size: 64}"])
+    return out
+
+
 # ------------------------------------------------------------------------ each recipe, pushed and loaded
+def test_an_image_ssl_backbone_push_loads_back_with_timm(server: HubServer, simclr_run: Path) -> None:
+    import timm
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    hub.push_to_hub(simclr_run, "alice/tiny-simclr")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(server.files("alice/tiny-simclr"))
+    model = timm.create_model("hf-hub:alice/tiny-simclr", pretrained=True).eval()
+    local = timm.create_model(f"local-dir:{simclr_run / 'model'}", pretrained=True).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), local(x), rtol=0, atol=0)
+    card = ModelCard.load("alice/tiny-simclr")
+    assert card.data.library_name == "timm" and card.data.pipeline_tag == "image-feature-extraction"
+    snippet = usage_snippet(card.text)
+    assert '"hf-hub:alice/tiny-simclr"' in snippet and "local-dir:" not in snippet
+    scope = {"pil_image": Image.new("RGB", (40, 30), (10, 200, 30))}
+    exec(snippet, scope)
+    assert scope["features"].shape == (1, model.num_features)
+
+
+def test_an_mae_push_loads_back_with_transformers_and_shows_its_reconstructions(
+        server: HubServer, mae_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import ModelCard
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    hub.push_to_hub(mae_run, "alice/tiny-mae")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "reconstructions.png",
+            "README.md"} <= set(server.files("alice/tiny-mae"))
+    model = AutoModel.from_pretrained("alice/tiny-mae").eval()
+    local = AutoModel.from_pretrained(mae_run / "model").eval()
+    processor = AutoImageProcessor.from_pretrained("alice/tiny-mae")
+    inputs = processor(images=Image.new("RGB", (40, 30), (10, 200, 30)), return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, local(**inputs).last_hidden_state, rtol=0, atol=0)
+    card = ModelCard.load("alice/tiny-mae")
+    assert card.data.library_name == "transformers" and "](reconstructions.png)" in card.text
+    snippet = usage_snippet(card.text)
+    assert '"alice/tiny-mae"' in snippet
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save("image.png")
+    scope: dict[str, object] = {}
+    exec(snippet, scope)
+    assert scope["features"].shape == (1, model.config.hidden_size)
+
+
 def test_mlm_push_loads_back_with_transformers(server: HubServer, mlm_run: Path) -> None:
     from huggingface_hub import ModelCard
     from transformers import AutoModelForMaskedLM, AutoTokenizer

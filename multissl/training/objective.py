@@ -86,6 +86,9 @@ class ModelCardInfo:
     """Held-out metrics listed in the card's model-index."""
     fine_tuned: bool = False
     base_model: str = ""
+    figures: tuple[tuple[str, str], ...] = ()
+    """``(file name, caption)`` of pictures the objective saves beside the card (MAE's reconstructions);
+    the card shows those that exist."""
 
 
 class Objective:
