@@ -15,9 +15,10 @@ DEMO_RECIPES: dict[str, tuple[str, str]] = {
     "wav2vec2": ("contrastive_accuracy", "audio_seconds"),
     "clip": ("zero_shot_top1", "samples"),
     "simclr": ("contrastive_accuracy", "samples"),
+    "mae": ("", "samples"),  # no accuracy of its own: its probe line says what it learned
 }
 DEMO_DATA = {"mlm": "text corpus", "clm": "text corpus", "wav2vec2": "speech corpus", "clip": "shapes images",
-             "simclr": "MNIST digits"}
+             "simclr": "MNIST digits", "mae": "MNIST digits"}
 
 
 # pretraining recipe -> the fine-tuning task its demo lift report runs
@@ -68,8 +69,8 @@ def demo_pretraining(output_dir: str, steps: int | None, recipes: list[str] | No
             "recipe": name,
             "eval loss before": first_eval.get("eval/contrastive_loss", first_eval.get("eval/loss")),
             "eval loss after": final.get("contrastive_loss", final.get("loss")),
-            "accuracy before": first_eval.get(f"eval/{accuracy}"),
-            "accuracy after": final.get(accuracy),
+            "accuracy before": first_eval.get(f"eval/{accuracy}") if accuracy else None,
+            "accuracy after": final.get(accuracy) if accuracy else None,
             "speed": f"{speeds[len(speeds) // 2]:,.0f} {unit.replace('_', '-')}/s" if speeds else None,
             "output": str(Path(output_dir) / name / "model"),
             "samples": final.get("samples"),
@@ -89,15 +90,16 @@ def print_results(results: list[dict[str, Any]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print("\nResults on the held-out split (before = at initialisation). Accuracy: masked token (mlm), next token "
           "(clm),\npositive frame ranked first among distractors (wav2vec2), zero-shot top-1 over 36 classes (clip), "
-          "the other view\nranked first among 2 x batch - 2 (simclr). "
-          "Perplexity: of the\ntokens (mlm, clm), of the codebook use (wav2vec2: high = healthy, ~2 = collapsed).")
+          "the other view\nranked first among 2 x batch - 2 (simclr); mae's loss is on the hidden patches' "
+          "normalised pixels. Perplexity: of the\ntokens (mlm, clm), of the codebook use (wav2vec2: high = healthy, ~2 = collapsed).")
     for i, row in enumerate(table):
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)))
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
     for r in results:
         loader = {"clip": "open_clip's create_model_and_transforms('local-dir:...')",
-                  "simclr": "timm.create_model('local-dir:...', pretrained=True)"}.get(r["recipe"], "transformers' from_pretrained")
+                  "simclr": "timm.create_model('local-dir:...', pretrained=True)",
+                  "mae": "transformers' AutoModel or pipeline('image-feature-extraction')"}.get(r["recipe"], "transformers' from_pretrained")
         print(f"  {r['recipe']} model: {r['output']}  (loads with {loader})")
         if r.get("probe"):
             p = r["probe"]

@@ -1,4 +1,4 @@
-"""Fine-tune an image-SSL output (or any timm model, or a new tiny ResNet) to classify images.
+"""Fine-tune an image-SSL output (a timm model, a transformers ViT, or a new tiny ResNet) to classify images.
 
 python recipes/finetune_image_classification.py model.init_from=outputs/simclr-tiny [key=value ...]
     [--config recipes/configs/finetune_image_classification/tiny.yaml]
@@ -21,6 +21,7 @@ from multissl.objectives.image_classification import (
     LabelledImageDataConfig,
     build_image_classifier,
     label_splits,
+    load_image_processor,
 )
 from multissl.training.config import TrainerConfig
 from multissl.training.state import FitResult
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> FitResult:
                   f"{labels.num_labels} labels ({', '.join(labels.names[:12])}{' ...' if labels.num_labels > 12 else ''})")
     net, base = build_image_classifier(cfg.model, labels)
     objective = ImageClassification(net, labels, cfg.augment, cfg.model.freeze_backbone, base,
-                                    cfg.data.on_bad_image, cfg.data.max_image_pixels)
+                                    cfg.data.on_bad_image, cfg.data.max_image_pixels, load_image_processor(cfg.model))
     return trainer.fit(objective, train, held_out)
 
 

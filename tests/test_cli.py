@@ -130,7 +130,8 @@ def test_demo_runs_every_recipe_and_prints_the_table(tmp_path: Path) -> None:
     table = proc.stdout[proc.stdout.index("Results on the held-out split"):]
     model_files = {"mlm": ["config.json"], "clm": ["config.json"], "wav2vec2": ["config.json"],
                    "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
-                   "simclr": ["config.json", "model.safetensors"]}
+                   "simclr": ["config.json", "model.safetensors"],
+                   "mae": ["config.json", "model.safetensors", "preprocessor_config.json", "reconstructions.png"]}
     for name, files in model_files.items():
         assert all((tmp_path / name / "model" / f).is_file() for f in files), name
         row = next(line.split() for line in table.splitlines() if line.split()[:1] == [name])

@@ -514,14 +514,33 @@ def test_trainer_probes_at_each_evaluation(tmp_path):
         (saved["linear_acc"], saved["knn_acc"], saved["chance"]), abs=1e-6)
 
 
-def test_a_saved_vit_folder_is_not_taken_for_a_text_model(tmp_path):
-    """A transformers ViT has no tokenizer: the probe names its model type instead of asking for one."""
-    from transformers import ViTConfig, ViTModel
+def test_a_saved_vit_folder_probes_on_the_mean_of_its_patch_tokens(tmp_path, shapes_corpus):
+    """A transformers ViT with its image processor (what the MAE recipe exports) is an image encoder: its
+    features are the mean of the patch tokens as transformers alone computes them; a model type no kind
+    takes is named, never taken for a text model and asked for a tokenizer."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, SwinConfig, ViTConfig, ViTImageProcessor, ViTModel
 
     from multissl.models.saved import load_saved_encoder
 
+    torch.manual_seed(0)
+    vit = tmp_path / "vit"
     ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                       image_size=16, patch_size=8)).save_pretrained(tmp_path / "vit")
-    with pytest.raises(ConfigError, match=r"vit: no feature extractor for a 'vit' model yet") as err:
-        load_saved_encoder(tmp_path / "vit")
-    assert "tokenizer" not in str(err.value)
+                       image_size=16, patch_size=8, pooler_act="linear")).save_pretrained(vit)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(vit)
+    images = sorted(str(p) for p in (shapes_corpus.parent / "images").glob("*.png"))[:6]
+    saved = load_saved_encoder(vit)
+    assert saved.modality == "image" and saved.folder == vit
+    got = saved.features(images, batch_size=4)
+    model, processor = AutoModel.from_pretrained(vit).eval(), AutoImageProcessor.from_pretrained(vit)
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+        want = model(pixel_values=pixels).last_hidden_state[:, 1:].mean(1)
+    assert got.shape == (6, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    out = probe_output(vit, ProbeConfig(task="files", files=[str(shapes_corpus)], knn_k=5), device="cpu")
+    assert out["modality"] == "image" and out["model"] == str(vit) and 0 <= out["linear_acc"] <= 1
+    SwinConfig(embed_dim=16, depths=[1], num_heads=[2]).save_pretrained(tmp_path / "swin")
+    with pytest.raises(ConfigError, match=r"swin: no feature extractor for a 'swin' model yet") as err:
+        load_saved_encoder(tmp_path / "swin")
+    assert "tokenizer" not in str(err.value) and "\n" not in str(err.value)

@@ -1,6 +1,7 @@
 """Frozen features of encoders: one vector per example, for probes, kNN monitors and objectives'
 ``features`` (text: mean over non-pad tokens of the last hidden state; audio: over valid frames;
-images: open_clip's ``encode_image``). Nothing here consumes torch's global random state."""
+images: open_clip's ``encode_image``, a timm backbone's pooled output, or the mean of a transformers
+ViT's patch tokens). Nothing here consumes torch's global random state."""
 
 from __future__ import annotations
 
@@ -171,4 +172,40 @@ def image_features(model: nn.Module, preprocess: Callable[[Any], torch.Tensor], 
             batch = torch.stack([load(x) for x in images[start : start + batch_size]])
             batch = batch.to(device, dtype)
             feats.append((model(batch) if pooled else model.encode_image(batch)).float().cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, 0)
+
+
+def _rgb(item: Any) -> Any:
+    """A PIL image or a path, as an RGB PIL image; files decode as the training data does (CMYK, 16-bit, alpha)."""
+    from multissl.data.images import load_image, to_rgb
+
+    return load_image(item, str(item)) if isinstance(item, (str, Path)) else to_rgb(item)
+
+
+def vit_features(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """``(len(images), hidden)`` of PIL images or image paths through a transformers ViT-style encoder
+    (ViT, DeiT, DINOv2; a ``*ForImageClassification`` gives its encoder) after its own image processor:
+    the mean of the patch tokens of the last hidden state.
+
+    Not the CLS token nor ``pooler_output``: a masked autoencoder's loss reads only the reconstructed
+    patches, so its CLS token is shaped at most indirectly, and MAE's fine-tuning (``global_pool``) reads
+    the mean of the patch tokens, as timm's ``global_pool="avg"`` does. The tokens in front of the patches
+    (CLS, DeiT's distillation token, registers) are counted from the patch grid and all left out.
+    """
+    import torch
+
+    encoder = _encoder(model)
+    device = torch.device(device) if device is not None else _device_of(encoder)
+    dtype = next((p.dtype for p in encoder.parameters()), torch.float32)
+    patch = encoder.config.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    feats = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = processor(images=[_rgb(x) for x in images[start : start + batch_size]],
+                               return_tensors="pt")["pixel_values"]
+            hidden = encoder(pixel_values=pixels.to(device, dtype)).last_hidden_state
+            patches = (pixels.shape[-2] // ph) * (pixels.shape[-1] // pw)
+            feats.append(hidden[:, hidden.shape[1] - patches :].mean(1).float().cpu())
     return torch.cat(feats) if feats else torch.zeros(0, 0)

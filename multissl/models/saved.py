@@ -1,9 +1,8 @@
 """Saved models as encoders: a folder is loaded as its ecosystem does (open_clip ``local-dir:``,
 transformers ``AutoModel``) and paired with the feature function of its modality.
 
-The kinds are tried in order (``SAVED_ENCODERS``); a folder none of them takes (a ViT saved by
-transformers, before an image adapter exists) is a one-line error naming its model type, never a
-text model asked for a tokenizer."""
+The kinds are tried in order (``SAVED_ENCODERS``); a folder none of them takes (a Swin saved by
+transformers, say) is a one-line error naming its model type, never a text model asked for a tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from multissl.errors import ConfigError, first_line
 from multissl.models import features as F
@@ -25,6 +24,10 @@ if TYPE_CHECKING:
 
 AUDIO_MODEL_TYPES = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+VISION_MODEL_TYPES = ("vit", "vit_mae", "deit", "dinov2")
+"""transformers image encoders with a CLS token in front of their patch tokens (``*ForImageClassification``
+folders of these types too). ``vit_mae`` is recognised only to be refused (see `check_vision_folder`)."""
+PREPROCESSOR_FILE = "preprocessor_config.json"
 TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2",
                     "gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "modernbert", "albert", "mpnet")
 
@@ -59,24 +62,68 @@ def is_timm_config(config: dict[str, Any] | None) -> bool:
     return config is not None and "architecture" in config and not config.get("model_type")
 
 
+def is_vision_config(config: dict[str, Any] | None) -> bool:
+    """A transformers config.json of one of the `VISION_MODEL_TYPES`."""
+    return config is not None and config.get("model_type") in VISION_MODEL_TYPES
+
+
+def check_vision_folder(folder: Path, model_type: str, where: str = "") -> None:
+    """A one-line error (prefixed by ``where``) unless ``folder`` can be used as a frozen or fine-tuned
+    encoder: ViT-MAE's ``ViTMAEModel`` drops and shuffles patches at random on every forward, inference
+    too, so its features would be neither complete nor repeatable; and every image model needs the image
+    processor it was trained with (``preprocessor_config.json``), or nothing says how to feed it."""
+    if model_type == "vit_mae":
+        raise ConfigError(f"{where}{folder} holds a 'vit_mae' model, which masks patches at random even at "
+                          "inference; save its encoder as a ViTModel (as multissl's MAE recipe does) and use that")
+    if not (folder / PREPROCESSOR_FILE).is_file():
+        raise ConfigError(f"{where}{folder} has no {PREPROCESSOR_FILE}: a transformers {model_type!r} image model "
+                          "needs the image processor it was trained with saved beside it (processor.save_pretrained)")
+
+
+def _model_dir(path: str | Path, key: str) -> Path:
+    try:
+        return find_model_folder(path).model_dir
+    except ConfigError as err:
+        raise ConfigError(f"{key}={str(path)!r}: {err}") from None
+
+
+def _not_an_image_model(path: str | Path, key: str, folder: Path, config: dict[str, Any] | None,
+                        wanted: str) -> ConfigError:
+    if config is not None and config.get("model_type"):
+        what = f"a transformers {config['model_type']!r} model"
+    elif (folder / OPEN_CLIP_FILES[0]).is_file():
+        what = "an open_clip model"
+    else:
+        what = "a config.json without 'architecture'"
+    return ConfigError(f"{key}={str(path)!r}: {folder} holds {what}, not {wanted}")
+
+
+_TIMM_WANTED = "a timm image model (a config.json with 'architecture', as timm's save_for_hf writes)"
+
+
 def find_timm_folder(path: str | Path, key: str = "model.init_from") -> Path:
     """The timm folder of a run's output_dir (its ``model/``) or the folder itself; a missing folder
     or one holding another kind of model is a one-line error naming ``key``."""
-    try:
-        folder = find_model_folder(path).model_dir
-    except ConfigError as err:
-        raise ConfigError(f"{key}={str(path)!r}: {err}") from None
+    folder = _model_dir(path, key)
     config = _read_config(folder)
     if not is_timm_config(config):
-        if config is not None and config.get("model_type"):
-            what = f"a transformers {config['model_type']!r} model"
-        elif (folder / OPEN_CLIP_FILES[0]).is_file():
-            what = "an open_clip model"
-        else:
-            what = "a config.json without 'architecture'"
-        raise ConfigError(f"{key}={str(path)!r}: {folder} holds {what}, not a timm image model "
-                          "(a config.json with 'architecture', as timm's save_for_hf writes)")
+        raise _not_an_image_model(path, key, folder, config, _TIMM_WANTED)
     return folder
+
+
+def find_image_folder(path: str | Path, key: str = "model.init_from") -> tuple[Path, Literal["timm", "transformers"]]:
+    """``(folder, library)``: the image model of a run's output_dir (its ``model/``) or of a folder, a
+    timm folder or a transformers one of the `VISION_MODEL_TYPES` (checked by `check_vision_folder`);
+    anything else is a one-line error naming ``key``."""
+    folder = _model_dir(path, key)
+    config = _read_config(folder)
+    if is_timm_config(config):
+        return folder, "timm"
+    if config is not None and is_vision_config(config):
+        check_vision_folder(folder, config["model_type"], f"{key}={str(path)!r}: ")
+        return folder, "transformers"
+    types = ", ".join(t for t in VISION_MODEL_TYPES if t != "vit_mae")
+    raise _not_an_image_model(path, key, folder, config, f"{_TIMM_WANTED} nor a transformers {types} image model")
 
 
 def _timm(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
@@ -90,6 +137,19 @@ def _timm(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     return SavedEncoder("image", folder, model,
                         lambda m, xs, bs, dev: F.image_features(m, transform, xs, bs, dev, pooled=True))
+
+
+def _vision_transformers(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+    """A transformers ViT, DeiT or DINOv2 (an encoder or a ``*ForImageClassification``, of which ``AutoModel``
+    loads the encoder): features are the mean of its patch tokens, after its own image processor."""
+    if config is None or not is_vision_config(config):
+        return None
+    check_vision_folder(folder, config["model_type"])
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    return SavedEncoder("image", folder, AutoModel.from_pretrained(folder),
+                        lambda m, xs, bs, dev: F.vit_features(m, processor, xs, bs, dev))
 
 
 def _audio(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
@@ -117,7 +177,8 @@ def _text(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
     return SavedEncoder("text", folder, model, lambda m, xs, bs, dev: F.text_features(m, tokenizer, xs, bs, dev))
 
 
-SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _timm, _audio, _text]
+SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _timm, _vision_transformers,
+                                                                                     _audio, _text]
 """Each returns an encoder for a folder it recognises, else None; image families add theirs here."""
 
 
@@ -148,4 +209,5 @@ def load_saved_encoder(path: str | Path) -> SavedEncoder:
             return encoder
     model_type = (config or {}).get("model_type", "unknown")
     raise ConfigError(f"{folder}: no feature extractor for a {model_type!r} model yet (multissl takes features of "
-                      f"open_clip and timm models, {', '.join(AUDIO_MODEL_TYPES[:1])}-style audio models and text models)")
+                      f"open_clip and timm models, transformers {'/'.join(t for t in VISION_MODEL_TYPES if t != 'vit_mae')} "
+                      f"image models, {AUDIO_MODEL_TYPES[0]}-style audio models and text models)")

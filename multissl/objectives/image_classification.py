@@ -1,21 +1,28 @@
-"""Image classification with any timm model, fine-tuned from an image-SSL output or trained from scratch.
+"""Image classification with any timm model or a transformers ViT-style encoder, fine-tuned from an
+image-SSL output or trained from scratch.
 
-Start points (``model.init_from``): a run's output_dir or a timm folder (``config.json`` with
-``architecture``, as timm's ``save_for_hf`` writes), ``hf-hub:ORG/NAME`` (or ``ORG/NAME``) for a timm
-model on the Hub, a timm architecture name (random weights: nothing is downloaded), or nothing (the
-0.3M-parameter ResNet of `multissl.models.backbones.TINY`). ``model.random_init`` keeps the start
-point's architecture and preprocessing with fresh weights: the lift report's from-scratch arm.
+Start points (``model.init_from``): a run's output_dir or a model folder, either timm's (``config.json``
+with ``architecture``, as timm's ``save_for_hf`` writes) or a transformers ViT, DeiT or DINOv2 with its
+``preprocessor_config.json`` (as the MAE recipe saves its encoder); ``hf-hub:ORG/NAME`` (or ``ORG/NAME``)
+for a timm model on the Hub (a transformers Hub id is not taken: download it with
+``huggingface_hub.snapshot_download`` and give the folder); a timm architecture name (random weights:
+nothing is downloaded); or nothing (the 0.3M-parameter ResNet of `multissl.models.backbones.TINY`).
+``model.random_init`` keeps the start point's architecture and preprocessing with fresh weights: the
+lift report's from-scratch arm.
 
 Full fine-tuning is the default (and what ``multissl lift image-classification`` runs, as for the
 other tasks); ``model.freeze_backbone=true`` is linear evaluation: only the classifier trains, and
 the backbone stays in eval mode, so neither its weights nor its BatchNorm statistics move.
 
-Training images get a seeded random resized crop (and an optional flip) in the DataLoader workers;
-eval images get the model's own timm eval transform, the one a user of the saved folder rebuilds with
-``timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))``. The saved folder is
-the whole classifier in timm's Hub format, with ``num_classes`` and ``label_names``: timm
-(``create_model("local-dir:...", pretrained=True)``) and transformers (``pipeline("image-classification")``)
-load it with no multissl code.
+Training images get a seeded random resized crop (and an optional flip) in the DataLoader workers,
+normalised as the start point's eval preprocessing normalises. Eval images get exactly what a user of
+the saved folder gets: timm's eval transform (``timm.data.create_transform(**timm.data.resolve_data_config(
+{}, model=model))``), or the transformers image processor itself, as ``pipeline`` runs it. The saved
+folder is the whole classifier: in timm's Hub format with ``num_classes`` and ``label_names``, or a
+transformers ``*ForImageClassification`` with ``id2label`` beside its image processor; either loads in
+``transformers.pipeline("image-classification")`` with no multissl code. A transformers ViT classifies
+from its CLS token (``ViTForImageClassification``; DINOv2's head also reads the mean patch token), while
+probes take the mean of the patch tokens (`multissl.models.features.vit_features`).
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.objectives.classification import labelled_step, summarize_classification
+from multissl.objectives.finetune import finetuned_card
 from multissl.run_folder import looks_local
 from multissl.training.objective import ModelCardInfo, Objective
 
+CARD_METRICS = ("accuracy", "macro_f1")
 NEW_MODEL_SIZE = 32
 """Input side of the new tiny ResNet (no init_from) unless ``model.image_size`` says otherwise."""
 
@@ -46,8 +55,8 @@ class ImageClassifierModelConfig:
     """Where the classifier starts and what trains."""
 
     init_from: str = ""
-    """A run's output_dir or timm folder, ``hf-hub:ORG/NAME``, a timm name (random weights), or empty
-    (a new tiny ResNet)."""
+    """A run's output_dir, a timm folder or a transformers ViT/DeiT/DINOv2 folder, ``hf-hub:ORG/NAME`` (timm),
+    a timm name (random weights), or empty (a new tiny ResNet)."""
     random_init: bool = False
     """Keep init_from's architecture and preprocessing but start from random weights (the lift baseline)."""
     freeze_backbone: bool = False
@@ -55,10 +64,12 @@ class ImageClassifierModelConfig:
     statistics fixed). False = full fine-tuning (the default, and the lift's)."""
     image_size: int = 0
     """Input side in pixels; 0 = the start point's (a folder's saved input size, a timm name's default,
-    32 for the new tiny ResNet). Another value keeps the start point's mean and std."""
+    32 for the new tiny ResNet). Another value keeps the start point's mean and std (timm start points
+    only: a transformers model keeps its image processor's size)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments: ``drop_rate``, ``drop_path_rate``; for a timm name also the
-    architecture's (``layers``, ``channels``, ``img_size``). Without init_from they update TINY's."""
+    architecture's (``layers``, ``channels``, ``img_size``). Without init_from they update TINY's. For a
+    transformers start point, settings of its config (``hidden_dropout_prob``, ...)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 0 or 0 < self.image_size < 8:
@@ -151,11 +162,13 @@ def _create(name: str, init_from: str, what: str = "cannot build the timm model"
 
 
 def build_image_classifier(cfg: ImageClassifierModelConfig, labels: LabelMap) -> tuple[nn.Module, str]:
-    """``(timm model with a labels.num_labels-way classifier, base)``; ``base`` is where the pretrained
-    weights came from ("" when they are random). A start point's classifier of another size is dropped
-    (timm loads the rest); the preprocessing is the start point's unless ``cfg.image_size`` is set."""
+    """``(model with a labels.num_labels-way classifier, base)``; ``base`` is where the pretrained weights
+    came from ("" when they are random). A timm model for timm start points, a transformers
+    ``*ForImageClassification`` for transformers ones (its image processor: `load_image_processor`). A
+    start point's classifier of another size is dropped (the rest is loaded); the preprocessing is the
+    start point's unless ``cfg.image_size`` is set."""
     from multissl.models.backbones import TINY, check_timm_name, set_preprocessing
-    from multissl.models.saved import find_timm_folder
+    from multissl.models.saved import find_image_folder
 
     n, ref = labels.num_labels, cfg.init_from
     pretrained = not cfg.random_init
@@ -163,7 +176,9 @@ def build_image_classifier(cfg: ImageClassifierModelConfig, labels: LabelMap) ->
         net, base = _create("resnet18", ref, num_classes=n, **{**TINY, **cfg.kwargs}), ""
         set_preprocessing(net, cfg.image_size or NEW_MODEL_SIZE, IMAGENET_MEAN, IMAGENET_STD)
     elif looks_local(ref):
-        folder = find_timm_folder(ref)
+        folder, library = find_image_folder(ref)
+        if library == "transformers":
+            return _transformers_classifier(cfg, labels, folder)
         net = _create(f"local-dir:{folder}", ref, pretrained=pretrained, num_classes=n, **cfg.kwargs)
         base = str(folder) if pretrained else ""
     elif ref.startswith("hf-hub:") or "/" in ref:
@@ -183,33 +198,194 @@ def build_image_classifier(cfg: ImageClassifierModelConfig, labels: LabelMap) ->
     return net, base
 
 
-class TimmClassifier(nn.Module):
-    """The timm classifier, trained whole or (``freeze_backbone``) as a linear probe: then only the
-    classifier's parameters train, and ``train()`` keeps everything else in eval mode, so BatchNorm
-    running statistics and dropout stay as in evaluation. ``net`` is what gets exported."""
+def _transformers_classifier(cfg: ImageClassifierModelConfig, labels: LabelMap, folder: Path) -> tuple[nn.Module, str]:
+    """``AutoModelForImageClassification`` of a ViT-style folder with our labels (``from_config`` for
+    random_init); ``model.kwargs`` must name settings its config has, or a typo would be saved silently."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from multissl.models.saved import VISION_MODEL_TYPES
+    from multissl.objectives.finetune import load_for_finetuning
+
+    ref = cfg.init_from
+    if cfg.image_size:
+        raise ConfigError(f"model.image_size={cfg.image_size}: a transformers image model ({folder}) keeps the input "
+                          "size of its image processor; leave model.image_size at 0")
+    try:
+        known = AutoConfig.from_pretrained(folder).to_dict()
+    except Exception as err:  # a torn or foreign config.json
+        raise ConfigError(f"model.init_from={ref!r}: cannot load a model config ({first_line(err)})") from None
+    unknown = sorted(set(cfg.kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"model.kwargs: {', '.join(unknown)} not in the {known['model_type']!r} config of {folder} "
+                          "(for a transformers model, kwargs are settings of its config, e.g. hidden_dropout_prob)")
+    net, source = load_for_finetuning(AutoModelForImageClassification, ref, cfg.random_init, VISION_MODEL_TYPES,
+                                      id2label=labels.id2label, label2id=labels.label2id, **cfg.kwargs)
+    return net, "" if cfg.random_init else source
+
+
+def load_image_processor(cfg: ImageClassifierModelConfig) -> Any | None:
+    """The transformers image processor saved with ``model.init_from`` (what `build_image_classifier`
+    built a ``*ForImageClassification`` from; kept for random_init too), None for timm start points."""
+    from multissl.models.saved import find_image_folder
+
+    ref = cfg.init_from
+    if not ref or not looks_local(ref):
+        return None
+    folder, library = find_image_folder(ref)
+    if library != "transformers":
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(folder)
+    except Exception as err:  # a torn or foreign preprocessor_config.json
+        raise ConfigError(f"model.init_from={ref!r}: cannot load the image processor in {folder} "
+                          f"({first_line(err)})") from None
+
+
+InputSpec = tuple[int | tuple[int, int], tuple[float, ...], tuple[float, ...]]
+"""``(size, mean, std)`` of the network's input: what the training transform produces."""
+
+
+class ImageClassifier(nn.Module):
+    """A classifier network (``net``, what gets exported), trained whole or (``freeze_backbone``) as a
+    linear probe: then only the classifier's parameters train, and ``train()`` keeps everything else in
+    eval mode, so BatchNorm running statistics and dropout stay as in evaluation. Subclasses say what
+    depends on the library: the classifier module, the preprocessing, the saved folder, the card."""
 
     def __init__(self, net: nn.Module, freeze_backbone: bool = False) -> None:
         super().__init__()
         self.net, self.freeze_backbone = net, freeze_backbone
         if freeze_backbone:
-            head = {id(p) for p in net.get_classifier().parameters()}
+            head = {id(p) for p in self.head().parameters()}
             for p in net.parameters():
                 p.requires_grad_(id(p) in head)
 
-    def train(self, mode: bool = True) -> TimmClassifier:
+    def head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
         if self.freeze_backbone:
             self.net.eval()
-            self.net.get_classifier().train(mode)
+            self.head().train(mode)
         return self
+
+    def input_spec(self) -> InputSpec:
+        raise NotImplementedError
+
+    def eval_transform(self) -> Any:
+        """PIL RGB image -> the tensor the saved folder's users feed the model (picklable: workers run it)."""
+        raise NotImplementedError
+
+    def save(self, net: nn.Module, output_dir: Path, label_names: tuple[str, ...]) -> None:
+        raise NotImplementedError
+
+    def card(self, net: nn.Module, method: str, base_model: str, num_labels: int) -> ModelCardInfo:
+        raise NotImplementedError
+
+
+class TimmClassifier(ImageClassifier):
+    """A timm classifier, saved in timm's Hub format; its preprocessing is its ``pretrained_cfg``."""
+
+    def head(self) -> nn.Module:
+        return self.net.get_classifier()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
 
+    def input_spec(self) -> InputSpec:
+        pcfg = self.net.pretrained_cfg
+        return int(pcfg["input_size"][-1]), tuple(pcfg["mean"]), tuple(pcfg["std"])
 
-def train_transform(cfg: ClassifierAugmentConfig, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    """PIL RGB image -> normalised tensor (3, size, size): random resized crop, optional flip (PIL-side
-    ops, several times faster than tensor kernels on small images)."""
+    def eval_transform(self) -> Any:
+        from multissl.models.backbones import eval_transform_of
+
+        return eval_transform_of(self.net)
+
+    def save(self, net: nn.Module, output_dir: Path, label_names: tuple[str, ...]) -> None:
+        from multissl.models.backbones import save_backbone
+
+        save_backbone(net, output_dir, label_names)
+
+    def card(self, net: nn.Module, method: str, base_model: str, num_labels: int) -> ModelCardInfo:
+        arch = net.pretrained_cfg.get("architecture") or type(net).__name__
+        return ModelCardInfo(
+            method=method, arch=arch, size=f"{net.num_features} features, {num_labels} classes",
+            parameters=sum(p.numel() for p in net.parameters()), library_name="timm",
+            pipeline_tag="image-classification", card_metrics=CARD_METRICS, auto_class="timm",
+            base_model=base_model, fine_tuned=True,
+            usage=("import timm\n"
+                   "from PIL import Image\n\n"
+                   'model = timm.create_model("{open_clip_ref}", pretrained=True).eval()\n'
+                   "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
+                   'probs = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0)).softmax(-1)\n'
+                   'print(model.pretrained_cfg["label_names"][int(probs.argmax())], float(probs.max()))\n'
+                   '# or: transformers.pipeline("image-classification", model="{repo}")'))
+
+
+@dataclass
+class ProcessorTransform:
+    """PIL image -> ``(3, H, W)`` by a transformers image processor, one image as ``pipeline`` feeds it."""
+
+    processor: Any
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class TransformersImageClassifier(ImageClassifier):
+    """A transformers ``*ForImageClassification`` (ViT, DeiT, DINOv2) returning its logits, with the image
+    processor it is saved beside; ``id2label``/``label2id`` are in its config."""
+
+    def __init__(self, net: nn.Module, processor: Any, freeze_backbone: bool = False) -> None:
+        super().__init__(net, freeze_backbone)
+        self.processor = processor
+
+    def head(self) -> nn.Module:
+        return self.net.classifier
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=pixel_values).logits
+
+    def input_spec(self) -> InputSpec:
+        """The processor's output size, and its mean/std rescaled to act on [0, 1] pixels (the training
+        transform's ``ToDtype(scale=True)``), so a training image is normalised as an eval image is."""
+        p = self.processor
+        size = p.crop_size if getattr(p, "do_center_crop", False) else p.size
+        h, w = size.get("height"), size.get("width")
+        if not (h and w):
+            h = w = size.get("shortest_edge")
+        if not h:
+            raise ConfigError(f"{type(p).__name__}: its size {dict(size)} gives neither height and width nor "
+                              "shortest_edge: cannot tell what size to train on")
+        scale = 255.0 * (p.rescale_factor if getattr(p, "do_rescale", True) else 1.0)
+        normalize = getattr(p, "do_normalize", True)
+        mean, std = (p.image_mean, p.image_std) if normalize else (0.0, 1.0)
+        mean, std = ([v] * 3 if isinstance(v, (int, float)) else list(v) for v in (mean, std))
+        return (int(h), int(w)), tuple(m / scale for m in mean), tuple(s / scale for s in std)
+
+    def eval_transform(self) -> ProcessorTransform:
+        return ProcessorTransform(self.processor)
+
+    def save(self, net: nn.Module, output_dir: Path, label_names: tuple[str, ...]) -> None:
+        net.save_pretrained(output_dir)
+        self.processor.save_pretrained(output_dir)
+
+    def card(self, net: nn.Module, method: str, base_model: str, num_labels: int) -> ModelCardInfo:
+        return finetuned_card(
+            net, method, base_model, pipeline_tag="image-classification", card_metrics=CARD_METRICS,
+            auto_class="AutoModelForImageClassification",
+            usage=("from PIL import Image\n"
+                   "from transformers import pipeline\n\n"
+                   'classify = pipeline("image-classification", model="{repo}")\n'
+                   'print(classify(Image.open("image.png")))'))
+
+
+def train_transform(cfg: ClassifierAugmentConfig, size: int | tuple[int, int], mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> Any:
+    """PIL RGB image -> normalised tensor (3, size, size) (or (3, height, width)): random resized crop,
+    optional flip (PIL-side ops, several times faster than tensor kernels on small images)."""
     from torchvision.transforms import v2
 
     steps: list[Any] = [v2.RandomResizedCrop(size, scale=tuple(cfg.scale), antialias=True)]
@@ -249,13 +425,19 @@ class ImageClassification(Objective):
 
     def __init__(self, net: nn.Module, labels: LabelMap, augment: ClassifierAugmentConfig,
                  freeze_backbone: bool = False, base_model: str = "", on_bad_image: str = "skip",
-                 max_image_pixels: int = 64_000_000) -> None:
-        from multissl.models.backbones import eval_transform_of
-
-        self.model, self.labels, self.base_model = TimmClassifier(net, freeze_backbone), labels, base_model
-        pcfg = net.pretrained_cfg
-        self.train_tf = train_transform(augment, int(pcfg["input_size"][-1]), tuple(pcfg["mean"]), tuple(pcfg["std"]))
-        self.eval_tf = eval_transform_of(net)
+                 max_image_pixels: int = 64_000_000, processor: Any = None) -> None:
+        """``net`` from `build_image_classifier`; ``processor`` (`load_image_processor`) is required
+        with a transformers model, whose eval preprocessing it is."""
+        if processor is not None:
+            self.model: ImageClassifier = TransformersImageClassifier(net, processor, freeze_backbone)
+        elif hasattr(net, "pretrained_cfg"):
+            self.model = TimmClassifier(net, freeze_backbone)
+        else:
+            raise ValueError(f"{type(net).__name__}: a transformers image classifier needs its image processor "
+                             "(load_image_processor)")
+        self.labels, self.base_model = labels, base_model
+        self.train_tf = train_transform(augment, *self.model.input_spec())
+        self.eval_tf = self.model.eval_transform()
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
 
     def collator(self) -> LabelledImageCollator:
@@ -274,25 +456,10 @@ class ImageClassification(Objective):
         return summarize_classification(metrics, self.labels.num_labels)
 
     def export(self, model: nn.Module) -> nn.Module:
-        return model.net if isinstance(model, TimmClassifier) else model
+        return model.net if isinstance(model, ImageClassifier) else model
 
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
-        from multissl.models.backbones import save_backbone
-
-        save_backbone(model, output_dir, self.labels.names)
+        self.model.save(model, output_dir, self.labels.names)
 
     def model_card(self) -> ModelCardInfo:
-        net = self.export(self.model)
-        arch = net.pretrained_cfg.get("architecture") or type(net).__name__
-        return ModelCardInfo(
-            method=self.name, arch=arch, size=f"{net.num_features} features, {self.labels.num_labels} classes",
-            parameters=sum(p.numel() for p in net.parameters()), library_name="timm",
-            pipeline_tag="image-classification", card_metrics=("accuracy", "macro_f1"), auto_class="timm",
-            base_model=self.base_model, fine_tuned=True,
-            usage=("import timm\n"
-                   "from PIL import Image\n\n"
-                   'model = timm.create_model("{open_clip_ref}", pretrained=True).eval()\n'
-                   "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
-                   'probs = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0)).softmax(-1)\n'
-                   'print(model.pretrained_cfg["label_names"][int(probs.argmax())], float(probs.max()))\n'
-                   '# or: transformers.pipeline("image-classification", model="{repo}")'))
+        return self.model.card(self.export(self.model), self.name, self.base_model, self.labels.num_labels)
