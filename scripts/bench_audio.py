@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchlib import median_table, run_alternating
+from benchlib import median_table, peak_rss_mb, run_alternating
 
 SIDES = ("multissl", "hf_example")
 SEED, RATE = (
@@ -342,7 +341,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
         _train_hf_example(model, train, args.steps, args.batch_size, data_cfg.max_samples, loss_cfg, tally)
         objective.model.load_state_dict(model.state_dict())
     result = {"side": side, **tally.summary(), **_evaluate(objective, held_out)}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 

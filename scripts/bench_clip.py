@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import median_table, run_alternating
+from benchlib import median_table, peak_rss_mb, run_alternating
 
 SIDES = ("multissl", "open_clip_train")
 MODEL = "multissl-tiny"
@@ -196,7 +195,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     final = _train_multissl(args, out) if side == "multissl" else _train_open_clip(args, out)
     train_s = time.perf_counter() - start
     hook.remove()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluation
+    rss_mb = peak_rss_mb()  # before evaluation
     if len(stamps) != args.steps:
         sys.exit(f"{side}: {len(stamps)} optimizer steps, expected {args.steps}")
     result = {

@@ -1,4 +1,6 @@
-"""Benchmark: multissl's image-SSL recipes (SimCLR, BYOL, DINO) vs lightly's own example loops, on CPU.
+"""Benchmark: multissl's image-SSL recipes vs their peers' own example loops, on CPU: SimCLR, BYOL and DINO
+vs lightly's, MAE vs transformers' (``run_mae.py``; its sides, checks and table are in ``bench_mae.py``,
+whose docstring lists what is the same and what differs for it; this one is about the lightly methods).
 
 Our side (``multissl``) is the real recipe, ``recipes/<method>.py``'s ``main`` with ``key=value``
 overrides, as users run it: its tiny preset, with the bench's step count, batch size and worker
@@ -79,14 +81,16 @@ Each side runs in its own process (so peak RSS is its own) with the same thread 
 alternate over the repeats. Per side and method it reports: samples/s in steady state (a global
 optimizer-step post-hook stamps the end of every step on both sides: ``(steps - 1) x batch`` over
 the time from the end of step 1 to the end of the last); train wall time (start-up, data, training,
-final save); peak RSS (before evaluation); and the held-out kNN accuracy of the final backbone
+final save); peak RSS (the child's own ``VmHWM``, before evaluation); and the held-out kNN accuracy of the final backbone
 (online for SimCLR/BYOL, teacher for DINO, as our objectives export) from ONE evaluator: pooled
 features of the backbone in eval mode under timm's eval transform for 32-pixel inputs, on
 ``load_probe_data(ProbeConfig(task="digits"), "image")``, scored by ``multissl.probe.knn_probe``
 (cosine, k=20, votes weighted exp(sim / 0.07)).
 
-    python scripts/bench_image.py [--methods simclr,byol,dino] [--steps 100] [--batch-size 128]
+    python scripts/bench_image.py [--methods simclr,byol,dino,mae] [--steps 100] [--batch-size 128]
         [--repeats 3] [--threads 2] [--workers 0] [--out outputs/bench_image.json] [--smoke]
+
+The JSON of every run goes to ``--out``, the printed tables beside it (the same name, ``.md``).
 """
 
 from __future__ import annotations
@@ -96,7 +100,6 @@ import copy
 import hashlib
 import json
 import math
-import resource
 import shutil
 import statistics
 import sys
@@ -106,13 +109,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import bench_mae
 import torch
-from benchlib import ROOT, median_table, run_alternating
+from benchlib import ROOT, median_table, peak_rss_mb, run_alternating
 from torch import nn
 
 SIDES = ("multissl", "lightly")
-METHODS = ("simclr", "byol", "dino")
-CONFIG_CLASS = {"simclr": "SimCLRConfig", "byol": "BYOLConfig", "dino": "DINOConfig"}
+LIGHTLY_METHODS = ("simclr", "byol", "dino")
+METHODS = (*LIGHTLY_METHODS, "mae")
+CONFIG_CLASS = {"simclr": "SimCLRConfig", "byol": "BYOLConfig", "dino": "DINOConfig", "mae": "MAEConfig"}
 SEED, KNN_K, EVAL_BATCH = 0, 20, 256
 # our view_transform's colour jitter: brightness, contrast, saturation 0.8 x strength, hue 0.2 x strength
 JITTER = {"cj_bright": 0.8, "cj_contrast": 0.8, "cj_sat": 0.8, "cj_hue": 0.2}
@@ -422,7 +427,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     train_s = time.perf_counter() - start
     pre.remove()
     post.remove()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluation
+    rss_mb = peak_rss_mb()  # before evaluation (VmHWM: ru_maxrss carries the parent's)
     if len(stamps) != plan["steps"]:
         sys.exit(f"{side}: {len(stamps)} optimizer steps, expected {plan['steps']}")
     if not first["backbone_init_equal"]:
@@ -540,16 +545,15 @@ def check_schedules(plan: dict[str, Any], cfg: Any) -> float:
     return max(diffs)
 
 
-def make_plan(method: str, args: argparse.Namespace, work: Path, train_dir: Path, n_train: int) -> tuple[dict[str, Any], Any]:
-    """Our recipe's overrides and its resolved config (what the lightly side reads its settings from)."""
+def recipe_overrides(method: str, args: argparse.Namespace, train_dir: Path) -> tuple[list[str], int]:
+    """The overrides every method's recipe runs with here, and its warm-up steps (as the trainer derives them)."""
     import importlib
 
     from multissl import config as config_lib
 
     recipe = importlib.import_module(f"multissl_recipes.{method}")
-    cls = getattr(recipe, CONFIG_CLASS[method])
-    preset = config_lib.load(cls, [], recipe.DEFAULT_CONFIG)
-    warmup = preset.trainer.warmup_steps or int(preset.trainer.warmup_ratio * args.steps)  # as the trainer derives it
+    preset = config_lib.load(getattr(recipe, CONFIG_CLASS[method]), [], recipe.DEFAULT_CONFIG)
+    warmup = preset.trainer.warmup_steps or int(preset.trainer.warmup_ratio * args.steps)
     overrides = [
         f"data.files={json.dumps([str(train_dir)])}",
         "data.validation_fraction=0",
@@ -566,7 +570,20 @@ def make_plan(method: str, args: argparse.Namespace, work: Path, train_dir: Path
         "trainer.trackers=[]",
         "trainer.cpu=true",
     ]
-    cfg = config_lib.load(cls, overrides, recipe.DEFAULT_CONFIG)
+    return overrides, warmup
+
+
+def make_plan(method: str, args: argparse.Namespace, work: Path, train_dir: Path, n_train: int) -> tuple[dict[str, Any], Any]:
+    """Our recipe's overrides and its resolved config (what the lightly side reads its settings from)."""
+    import importlib
+
+    from multissl import config as config_lib
+
+    overrides, warmup = recipe_overrides(method, args, train_dir)
+    if method == "mae":
+        return bench_mae.make_plan(overrides, args, work, train_dir, n_train, warmup)
+    recipe = importlib.import_module(f"multissl_recipes.{method}")
+    cfg = config_lib.load(getattr(recipe, CONFIG_CLASS[method]), overrides, recipe.DEFAULT_CONFIG)
     check_lightly_can_match(method, cfg)
     plan: dict[str, Any] = {
         "method": method,
@@ -613,7 +630,7 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: simclr,byol,dino")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {','.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -621,7 +638,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers on both sides")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_image.json"), help="JSON of all runs")
     parser.add_argument("--smoke", action="store_true", help="2 steps, batch 16, 1 repeat: does it run end to end")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=sorted({*SIDES, *bench_mae.SIDES}), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -633,7 +650,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         warnings.filterwarnings("ignore", message=".*weight_norm.*")  # lightly's DINO head uses the old API
-        Path(args.result).write_text(json.dumps(run_side(args.side, args)), encoding="utf-8")
+        method = json.loads(Path(args.plan).read_text(encoding="utf-8"))["method"]
+        result = bench_mae.run_side(args.side, args) if method == "mae" else run_side(args.side, args)
+        Path(args.result).write_text(json.dumps(result), encoding="utf-8")
         return
 
     if args.smoke:
@@ -655,10 +674,14 @@ def main() -> None:
     if args.batch_size > n_train:
         sys.exit(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
     plans = {m: make_plan(m, args, work, train_dir, n_train) for m in methods}
-    backbones = {json.dumps(plan["cfg"]["model"]["backbone"], sort_keys=True) for plan, _ in plans.values()}
-    if len(backbones) != 1:
+    lightly_plans = [(plan, cfg) for m, (plan, cfg) in plans.items() if m in LIGHTLY_METHODS]
+    backbones = {json.dumps(plan["cfg"]["model"]["backbone"], sort_keys=True) for plan, _ in lightly_plans}
+    if len(backbones) > 1:
         sys.exit(f"the methods' presets use different backbones: {backbones}")
-    prepare_init(work, next(iter(plans.values()))[1].model.backbone)
+    if lightly_plans:
+        prepare_init(work, lightly_plans[0][1].model.backbone)
+    if "mae" in plans:
+        bench_mae.prepare_init(*plans["mae"])
     print(f"{n_train} training images in {train_dir}; {args.steps} steps, batch {args.batch_size}, "
           f"{args.threads} threads, {args.workers} workers, {args.repeats} repeats, methods {', '.join(methods)}",
           flush=True)
@@ -680,6 +703,13 @@ def main() -> None:
             return (f"{method}: {r['samples_per_s']:.1f} samples/s, kNN {r['knn_acc']:.4f}, "
                     f"{r['train_s']:.1f} s, {r['peak_rss_mb']:.0f} MB")
 
+        if method == "mae":
+            runs = run_alternating(bench_mae.SIDES, args.repeats, folder, args.threads, child_args, bench_mae.progress)
+            checks = bench_mae.cross_checks(runs, plan)
+            tables.append(bench_mae.table(plan, runs, checks))
+            report["methods"][method] = {"plan": plan, "checks": checks, "runs": runs, "table": tables[-1],
+                                         "medians": {side: bench_mae.medians(runs[side]) for side in bench_mae.SIDES}}
+            continue
         runs = run_alternating(SIDES, args.repeats, folder, args.threads, child_args, progress)
         checks = cross_checks(runs)
         report["methods"][method] = {"plan": plan, "checks": checks, "runs": runs,
@@ -694,13 +724,15 @@ def main() -> None:
             f"ours, {checks['init_tensors'][1]} lightly's); lr / weight decay stepped with, max difference: "
             f"{checks['lr_max_diff']:.3g} / {checks['weight_decay_max_diff']:.3g}\n\n"
             + median_table(runs, SIDES, ROWS, ratio_keys=("samples_per_s", "peak_rss_mb")))
-    print(f"\nCPU, {args.threads} threads, {args.workers} DataLoader workers, fp32, {args.repeats} repeat(s) "
-          "(median [min-max]), sides alternated")
-    print("\n".join(tables))
+        report["methods"][method]["table"] = tables[-1]
+    text = (f"CPU, {args.threads} threads, {args.workers} DataLoader workers, fp32, {args.repeats} repeat(s) "
+            "(median [min-max]), sides alternated\n" + "\n".join(tables))
+    print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print(f"\nall runs: {out}")
+    out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    print(f"\nall runs: {out}; tables: {out.with_suffix('.md')}")
     shutil.rmtree(work, ignore_errors=True)
 
 

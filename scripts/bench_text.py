@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("multissl", "hf_trainer", "bare_loop")
@@ -160,7 +161,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
 
     eval_loss = _evaluate(objective, objective.model, data.eval)  # trained in place on every side
     seconds = stamps[-1] - stamps[0]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     return {
         "side": side, "recipe": recipe, "steps": len(stamps),
         "samples_per_s": (len(stamps) - 1) * BATCH / seconds,

@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, str, str]  # (result key, label, format)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB, its own only. ``getrusage``'s ``ru_maxrss`` is no use
+    in a child: Linux carries the parent's high-water mark across fork and exec, so a child of a
+    1 GB parent reports at least 1 GB. ``VmHWM`` belongs to the process's own address space, which
+    exec makes new; ``ru_maxrss`` only where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_env(threads: int) -> dict[str, str]:
     """Same thread count for every side, offline, CPU only, the repository importable."""
     return {
