@@ -177,3 +177,28 @@ def test_bad_model_configs_are_one_line_errors(override: str, message: str, tmp_
     args = [a for a in _args(tmp_path / "bad", 1) if not a.startswith(override.split("=")[0] + "=")]
     with pytest.raises(ConfigError, match=message):
         _main([*args, override])
+
+
+def test_the_mae_encoder_fine_tunes_into_a_classifier_that_pipeline_runs(tmp_path: Path) -> None:
+    """pretrain mae -> finetune image-classification -> transformers' pipeline, no multissl code at the end."""
+    from multissl_recipes.finetune_image_classification import main as finetune
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    from multissl.data.digits_demo import default_digits_corpus
+
+    pretrained = tmp_path / "mae"
+    _main(_args(pretrained, 2, **{"trainer.eval_every": 0}))
+    out = tmp_path / "tuned"
+    finetune([f"trainer.output_dir={out}", f"model.init_from={pretrained}", "trainer.max_steps=3",
+              "trainer.batch_size=16", "trainer.eval_max_batches=1", "trainer.eval_batch_size=16",
+              "trainer.progress_bar=false", "trainer.trackers=[]", "trainer.eval_every=0", "trainer.save_every=0"])
+    folder = out / "model"
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert type(model).__name__ == "ViTForImageClassification" and len(model.config.id2label) == 10
+    image = Image.open(sorted(default_digits_corpus().rglob("*.png"))[0]).convert("RGB")
+    with torch.no_grad():
+        probs = model(**AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")).logits.softmax(-1)[0]
+    best = pipeline("image-classification", model=str(folder))(image)[0]
+    assert best["label"] == model.config.id2label[int(probs.argmax())]
+    assert abs(best["score"] - float(probs.max())) < 1e-5
