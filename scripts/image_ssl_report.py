@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "barlow_twins", "vicreg", "dino")
+METHODS = ("simclr", "moco", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "rotation")
 METRICS = ("linear_acc", "knn_acc", "knn200_acc")
 
 

@@ -15,8 +15,10 @@ from multissl_recipes.finetune_audio_classification import AudioClassificationCo
 from multissl_recipes.finetune_image_classification import ImageClassificationConfig
 from multissl_recipes.finetune_speech_recognition import SpeechRecognitionConfig
 from multissl_recipes.finetune_text_classification import TextClassificationConfig
+from multissl_recipes.mae import MAEConfig
 from multissl_recipes.mlm import MLMConfig
 from multissl_recipes.moco import MoCoConfig
+from multissl_recipes.rotation import RotationConfig
 from multissl_recipes.simclr import SimCLRConfig
 from multissl_recipes.simsiam import SimSiamConfig
 from multissl_recipes.vicreg import VICRegConfig
@@ -29,7 +31,7 @@ from multissl.registry import available
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {"mlm": MLMConfig, "clm": CLMConfig, "wav2vec2": Wav2Vec2Config, "clip": ClipConfig, "simclr": SimCLRConfig,
            "moco": MoCoConfig, "byol": BYOLConfig, "simsiam": SimSiamConfig, "barlow_twins": BarlowTwinsConfig,
-           "vicreg": VICRegConfig, "dino": DINOConfig,
+           "vicreg": VICRegConfig, "dino": DINOConfig, "mae": MAEConfig, "rotation": RotationConfig,
            "finetune_text_classification": TextClassificationConfig,
            "finetune_speech_recognition": SpeechRecognitionConfig,
            "finetune_audio_classification": AudioClassificationConfig,

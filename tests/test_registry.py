@@ -12,7 +12,7 @@ from multissl.errors import MultiSSLError
 from multissl.registry import available, find
 from tests.conftest import BIN, ROOT, run
 
-OURS = {"pretrain": ["barlow_twins", "byol", "clip", "clm", "dino", "mlm", "moco", "simclr", "simsiam", "vicreg", "wav2vec2"],
+OURS = {"pretrain": ["barlow_twins", "byol", "clip", "clm", "dino", "mae", "mlm", "moco", "rotation", "simclr", "simsiam", "vicreg", "wav2vec2"],
         "finetune": ["audio-classification", "image-classification", "speech-recognition", "text-classification"]}
 
 
