@@ -97,21 +97,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import bench_mae
 import torch
-from benchlib import ROOT, median_table, peak_rss_mb, run_alternating
+from benchlib import ROOT, fingerprint, median_table, run_alternating, timed_training
 from torch import nn
 
 SIDES = ("multissl", "lightly")
@@ -392,53 +390,33 @@ def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- one side
-def _fingerprint(tensors: list[torch.Tensor]) -> list[str]:
-    """Shape and hash of each tensor, sorted: equal lists mean equal tensors (in any order)."""
-    return sorted(f"{tuple(p.shape)}:{hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}"
-                  for p in tensors)
-
-
 def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
     plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
     init = torch.load(plan["init"])
     reference = [init["state_dict"][name] for name in init["matrices"]]
-    stamps: list[float] = []
     lrs: list[float] = []
     wds: list[float] = []
     first: dict[str, Any] = {}
 
-    def before_step(opt: torch.optim.Optimizer, a: Any, kw: Any) -> None:
+    def before_step(opt: torch.optim.Optimizer) -> None:
         groups = opt.param_groups  # ours: [matrices, vectors], as lightly's side builds them
         if not first:  # the initial weights, before any update
             mats = [p for g in groups for p in g["params"] if p.ndim >= 2]
             first["backbone_init_equal"] = len(mats) >= len(reference) and all(
                 p.shape == r.shape and torch.equal(p.detach(), r) for p, r in zip(mats, reference))
-            first["init_fingerprint"] = _fingerprint([p for g in groups for p in g["params"]])
+            first["init_fingerprint"] = fingerprint([p for g in groups for p in g["params"]])
         lrs.append(float(groups[0]["lr"]))
         wds.append(float(groups[0]["weight_decay"]))
 
-    pre = register_optimizer_step_pre_hook(before_step)
-    post = register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()))
     out = Path(args.work) / f"{side}-{args.rep}"
-    start = time.perf_counter()
-    weights = _train_multissl(plan, out) if side == "multissl" else _train_lightly(plan, out)
-    train_s = time.perf_counter() - start
-    pre.remove()
-    post.remove()
-    rss_mb = peak_rss_mb()  # before evaluation (VmHWM: ru_maxrss carries the parent's)
-    if len(stamps) != plan["steps"]:
-        sys.exit(f"{side}: {len(stamps)} optimizer steps, expected {plan['steps']}")
+    train = _train_multissl if side == "multissl" else _train_lightly
+    weights, timing = timed_training(side, lambda: train(plan, out), before_step, plan["steps"], plan["batch_size"])
     if not first["backbone_init_equal"]:
         sys.exit(f"{side}: the backbone's initial weights differ from {plan['init']}")
     result = {
         "side": side,
         "method": plan["method"],
-        "steps": len(stamps),
-        "samples_per_s": (len(stamps) - 1) * plan["batch_size"] / (stamps[-1] - stamps[0]),
-        "train_s": train_s,
-        "peak_rss_mb": rss_mb,
+        **timing,
         "lr": lrs,
         "weight_decay": wds,
         **first,

@@ -89,19 +89,17 @@ The same evaluator scores the initial weights once, for reference.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import median_table, peak_rss_mb
+from benchlib import fingerprint, median_table, timed_training
 
 SIDES = ("multissl", "transformers")
 SEED, EVAL_BATCH = 0, 256
@@ -248,53 +246,33 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one side
-def _fingerprint(tensors: list[torch.Tensor]) -> list[str]:
-    """Shape and hash of each tensor, sorted: equal lists mean equal tensors (in any order)."""
-    return sorted(f"{tuple(p.shape)}:{hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}"
-                  for p in tensors)
-
-
 def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
     plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
     init = torch.load(plan["init"])
-    reference = Counter(_fingerprint([init["state_dict"][n] for n in init["trainable"]]))
-    stamps: list[float] = []
+    reference = Counter(fingerprint([init["state_dict"][n] for n in init["trainable"]]))
     lrs: list[float] = []
     wds: list[float] = []
     first: dict[str, Any] = {}
 
-    def before_step(opt: torch.optim.Optimizer, a: Any, kw: Any) -> None:
+    def before_step(opt: torch.optim.Optimizer) -> None:
         groups = opt.param_groups
         if not first:  # the initial weights and the decay split, before any update
-            stepped = _fingerprint([p for g in groups for p in g["params"]])
+            stepped = fingerprint([p for g in groups for p in g["params"]])
             first["init_equal"] = Counter(stepped) == reference
             first["init_tensors"] = len(stepped)
-            first["decayed"] = _fingerprint([p for g in groups if g["weight_decay"] > 0 for p in g["params"]])
+            first["decayed"] = fingerprint([p for g in groups if g["weight_decay"] > 0 for p in g["params"]])
         lrs.append(max(float(g["lr"]) for g in groups))
         wds.append(max(float(g["weight_decay"]) for g in groups))
 
-    pre = register_optimizer_step_pre_hook(before_step)
-    post = register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()))
     out = Path(args.work) / f"{side}-{args.rep}"
-    start = time.perf_counter()
-    weights = _train_multissl(plan, out) if side == "multissl" else _train_transformers(plan, out)
-    train_s = time.perf_counter() - start
-    pre.remove()
-    post.remove()
-    rss_mb = peak_rss_mb()  # before evaluation (VmHWM: ru_maxrss carries the parent's)
-    if len(stamps) != plan["steps"]:
-        sys.exit(f"{side}: {len(stamps)} optimizer steps, expected {plan['steps']}")
+    train = _train_multissl if side == "multissl" else _train_transformers
+    weights, timing = timed_training(side, lambda: train(plan, out), before_step, plan["steps"], plan["batch_size"])
     if not first["init_equal"]:
         sys.exit(f"{side}: the model's initial trainable weights differ from {plan['init']}")
     result = {
         "side": side,
         "method": plan["method"],
-        "steps": len(stamps),
-        "samples_per_s": (len(stamps) - 1) * plan["batch_size"] / (stamps[-1] - stamps[0]),
-        "train_s": train_s,
-        "peak_rss_mb": rss_mb,
+        **timing,
         "lr": lrs,
         "weight_decay": wds,
         **first,

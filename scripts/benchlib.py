@@ -32,6 +32,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def fingerprint(tensors: Sequence[Any]) -> list[str]:
+    """Shape and hash of each tensor, sorted: equal lists mean equal tensors (in any order)."""
+    import hashlib
+
+    return sorted(f"{tuple(p.shape)}:{hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}"
+                  for p in tensors)
+
+
+def timed_training(side: str, train: Callable[[], Any], before_step: Callable[[Any], None], steps: int,
+                   batch_size: int) -> tuple[Any, dict[str, Any]]:
+    """Run ``train()`` with global optimizer-step hooks: ``before_step(optimizer)`` before every step, a
+    timestamp after it. Returns ``(what train returned, {"steps", "samples_per_s", "train_s",
+    "peak_rss_mb"})``; samples/s is steady state, ``(steps - 1) x batch`` between the first and the
+    last step's end (start-up and the first step left out). Exits unless exactly ``steps`` ran."""
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    stamps: list[float] = []
+    pre = register_optimizer_step_pre_hook(lambda opt, a, kw: before_step(opt))
+    post = register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()))
+    start = time.perf_counter()
+    try:
+        result = train()
+    finally:
+        pre.remove()
+        post.remove()
+    train_s = time.perf_counter() - start
+    rss_mb = peak_rss_mb()  # before any evaluation
+    if len(stamps) != steps:
+        sys.exit(f"{side}: {len(stamps)} optimizer steps, expected {steps}")
+    return result, {"steps": len(stamps), "samples_per_s": (len(stamps) - 1) * batch_size / (stamps[-1] - stamps[0]),
+                    "train_s": train_s, "peak_rss_mb": rss_mb}
+
+
 def child_env(threads: int) -> dict[str, str]:
     """Same thread count for every side, offline, CPU only, the repository importable."""
     return {

@@ -4,6 +4,7 @@ transformers' own, seeded masks, exact resume, and the exported encoder as users
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def test_collator_masks_come_from_the_batch_generator() -> None:
     from multissl.objectives.mae import MaskedImageCollator
 
     img = Image.new("RGB", (20, 20), (200, 10, 10))
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     samples = [{"path": f"{i}.png", "bytes": buf.getvalue(), "label": i} for i in range(4)]

@@ -118,6 +118,24 @@ def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",
     return kept, skipped
 
 
+def decode_and_transform(samples: list[dict[str, Any]], transforms: list[Any], generator: torch.Generator,
+                         on_bad_image: str = "skip", max_pixels: int = 64_000_000
+                         ) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]], int]:
+    """``(kept samples, [[transform(image) per kept image] per transform], skipped)``: what every image
+    collator does first. Bad images are skipped as `decode_or_skip` does; one seed is drawn from the
+    batch's ``generator`` and every transform runs under `seeded_rngs` of it (all transforms of an
+    image before the next image), so a batch is the same in any worker and after a resume. The
+    generator can be drawn from again afterwards (MAE's mask noise)."""
+    kept, skipped = decode_or_skip(samples, on_bad_image, max_pixels)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
+    with seeded_rngs(seed):  # once a batch: the transforms draw from the global generators
+        for _, img in kept:
+            for out, transform in zip(outputs, transforms):
+                out.append(transform(img))
+    return [sample for sample, _ in kept], outputs, skipped
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed torch's, Python's and numpy's global generators for the block, then put them back.

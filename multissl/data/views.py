@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from multissl.data.images import decode_or_skip, seeded_rngs
+from multissl.data.images import decode_and_transform
 from multissl.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,13 +100,8 @@ class ViewsCollator:
     max_image_pixels: int = 64_000_000
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        views: list[list[torch.Tensor]] = [[] for _ in self.transforms]
-        kept, skipped = decode_or_skip(samples, self.on_bad_image, self.max_image_pixels)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with seeded_rngs(seed):  # once a batch: the transforms draw from the global generators
-            for _, img in kept:
-                for out, transform in zip(views, self.transforms):
-                    out.append(transform(img))
-        labels = [int(sample.get("label", -1)) for sample, _ in kept]
+        kept, views, skipped = decode_and_transform(samples, self.transforms, generator, self.on_bad_image,
+                                                    self.max_image_pixels)
+        labels = [int(sample.get("label", -1)) for sample in kept]
         return {"views": [torch.stack(v) for v in views], "labels": torch.tensor(labels, dtype=torch.long),
                 "skipped": skipped}

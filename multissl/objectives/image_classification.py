@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from multissl.data.image_data import ImageDataConfig, ImageDataset, prepare_images
-from multissl.data.images import decode_or_skip, seeded_rngs
+from multissl.data.images import decode_and_transform
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
@@ -407,12 +407,10 @@ class LabelledImageCollator:
     max_image_pixels: int = 64_000_000
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        kept, skipped = decode_or_skip(samples, self.on_bad_image, self.max_image_pixels)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with seeded_rngs(seed):
-            pixels = [self.transform(img) for _, img in kept]
-        labels = [int(sample["label"]) for sample, _ in kept]
-        paths = [str(sample["path"]) for sample, _ in kept]
+        kept, (pixels,), skipped = decode_and_transform(samples, [self.transform], generator, self.on_bad_image,
+                                                        self.max_image_pixels)
+        labels = [int(sample["label"]) for sample in kept]
+        paths = [str(sample["path"]) for sample in kept]
         return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long),
                 "path": paths, "skipped": skipped}
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from multissl.data.images import decode_or_skip, seeded_rngs
+from multissl.data.images import decode_and_transform
 from multissl.data.views import AugmentConfig, view_transform
 from multissl.errors import ConfigError
-from multissl.losses.masked_pixels import masked_patch_mse, patch_targets
+from multissl.losses.masked_pixels import masked_patch_mse
 from multissl.models.vit import save_vit, vit_from_mae, vit_image_processor
 from multissl.training.objective import ModelCardInfo, Objective, ParamGroup, StepOutput
 
@@ -109,13 +109,11 @@ class MaskedImageCollator:
     max_image_pixels: int = 64_000_000
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-        kept, skipped = decode_or_skip(samples, self.on_bad_image, self.max_image_pixels)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with seeded_rngs(seed):
-            pixels = torch.stack([self.transform(img) for _, img in kept])
+        kept, (pixels,), skipped = decode_and_transform(samples, [self.transform], generator, self.on_bad_image,
+                                                        self.max_image_pixels)
         noise = torch.rand((len(kept), self.num_patches), generator=generator)
-        labels = torch.tensor([int(sample.get("label", -1)) for sample, _ in kept], dtype=torch.long)
-        return {"pixel_values": pixels, "noise": noise, "labels": labels, "skipped": skipped}
+        labels = torch.tensor([int(sample.get("label", -1)) for sample in kept], dtype=torch.long)
+        return {"pixel_values": torch.stack(pixels), "noise": noise, "labels": labels, "skipped": skipped}
 
 
 class MAE(Objective):
@@ -236,5 +234,3 @@ def reconstruction_rows(model: nn.Module, collate: MaskedImageCollator, samples:
 
     return [list(to_unit(pixels)), list(to_unit(masked)), list(to_unit(recon))]
 
-
-__all__ = ["MAE", "MAELossConfig", "MAEModelConfig", "MaskedImageCollator", "build_mae", "patch_targets"]
