@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from multissl.data.labels import LabelMap, class_label_names, is_label_id, is_missing, sorted_names
+from multissl.data.text_checks import strip_controls
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.training.objective import Modality
 
@@ -351,6 +352,8 @@ def _file_rows(path: Path, cfg: ProbeConfig, modality: Modality) -> tuple[list[t
         source, label = row[source_col], row[label_col]
         if is_missing(label):
             raise DataError(f"{path}: row {n}: empty label in column {label_col!r}")
+        if modality == "text" and isinstance(source, str):  # NULs of a bad export never reach the model
+            source = strip_controls(source)[0]
         if is_missing(source):
             empty += 1
             continue

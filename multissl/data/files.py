@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from multissl.errors import DataError, first_line
+from multissl.errors import DataError, first_line, root_cause
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
             ".txt": "text", ".text": "text"}
@@ -77,54 +78,224 @@ def read_files(files: Sequence[Path], what: str, *, streaming: bool = False, tab
         tabs = builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files)
     if tabs:
         kwargs["sep"] = "\t"
-    with naming_bad_files(files, what):
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     streaming=streaming, **kwargs)
+    with naming_bad_files(files, what, sep=kwargs.get("sep")), quiet_builders():
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                   streaming=streaming, **kwargs)
+        if builder == "json" and not streaming:  # Arrow's JSON reader keeps bad UTF-8 that Python trips on later
+            ds.data.table.validate(full=True)
+        return ds
 
 
-def _first_undecodable(files: Sequence[Path], chunk: int = 1 << 20) -> tuple[Path, int] | None:
-    """The first file (and byte offset) that is not UTF-8, to name it in the error.
+@contextlib.contextmanager
+def quiet_builders() -> Iterator[None]:
+    """Silence `datasets`' file builders while they read: on a bad file they log their own "Failed to
+    load JSON from file ..." before raising, and the one-line error raised instead already names the
+    file, the line and the reason."""
+    import logging
+
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+"""Byte-order marks and the codec each one names (UTF-32's first: its LE mark starts with UTF-16's)."""
+
+
+def bom_encoding(head: bytes) -> str | None:
+    """The codec a file's byte-order mark names (``head``: its first bytes), else None.
+
+    A BOM is the one encoding signature that is not a guess, so such files are decoded by it; a file
+    without one is read as UTF-8 or reported, never decoded by a guessed legacy code page.
+    """
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            return encoding
+    return None
+
+
+def file_encoding(path: Path) -> str:
+    """How ``path`` is decoded: by its byte-order mark, else as UTF-8."""
+    with path.open("rb") as fh:
+        return bom_encoding(fh.read(4)) or "utf-8"
+
+
+def first_undecodable(path: Path, encoding: str = "utf-8", chunk: int = 1 << 20) -> int | None:
+    """The byte offset of the first byte of ``path`` that ``encoding`` cannot decode, else None."""
+    decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
+    with path.open("rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            if not block:
+                return None
+            offset += len(block)
+
+
+def _first_undecodable(files: Sequence[Path], chunk: int = 1 << 20) -> tuple[Path, int, str, str] | None:
+    """The first file that does not decode as it is read, to name it in the error: ``(file, byte
+    offset, codec tried, codec its byte-order mark names)``. Plain text is read by its byte-order mark
+    (see `multissl.data.text`), tables as UTF-8 (what `datasets` reads them as).
 
     Only called after a load failed, so a healthy corpus is never read twice.
     """
-    import codecs
-
     for f in files:
-        if f.suffix.lower() == ".parquet":
+        if f.suffix.lower() == ".parquet" or not f.is_file():
             continue
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with f.open("rb") as fh:
-            while True:
-                block = fh.read(chunk)
-                try:
-                    decoder.decode(block, final=not block)
-                except UnicodeDecodeError as err:
-                    return f, offset + err.start
-                if not block:
-                    break
-                offset += len(block)
+        marked = file_encoding(f)
+        encoding = marked if f.suffix.lower() in (".txt", ".text") else "utf-8-sig"
+        offset = first_undecodable(f, encoding, chunk)
+        if offset is not None:
+            return f, offset, encoding, marked
+    return None
+
+
+def _json_line_error(path: Path) -> str | None:
+    """``line N: reason`` for the first line of a JSON Lines file that is not a JSON object (lines
+    numbered from 1, as an editor shows them), or a whole-document error for a .json file that is
+    one JSON document; None when the file parses."""
+    import json
+
+    first_content = None
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                if first_content is None and path.suffix.lower() == ".json":
+                    return _json_document_error(path)
+                return f"line {number}: {err.msg} (column {err.colno})"
+            first_content = first_content or number
+            if not isinstance(value, dict) and not (first_content == number and path.suffix.lower() == ".json"):
+                return f"line {number}: not a JSON object (a {type(value).__name__})"
+    return None
+
+
+def _json_document_error(path: Path) -> str | None:
+    """``line N: reason`` where a .json file holding one JSON document stops parsing, else None."""
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
+    except json.JSONDecodeError as err:
+        return f"line {err.lineno}: {err.msg} (column {err.colno})"
+    return None
+
+
+def _csv_error(path: Path, sep: str | None) -> str | None:
+    """The CSV reader's own first line (it names the line) for a table `datasets` could not read."""
+    import pandas as pd
+
+    try:
+        for _ in pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","), chunksize=100_000):
+            pass
+    except Exception as err:
+        return first_line(err)
+    return None
+
+
+def _parquet_error(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path).schema_arrow  # noqa: B018 - reading the footer is the check
+    except Exception as err:
+        return first_line(err)
+    return None
+
+
+def parse_error(files: Sequence[Path], sep: str | None = None) -> tuple[Path, str] | None:
+    """The first of ``files`` that does not parse as its type says, and why (``line N: reason`` where
+    the format has lines). Called only after `datasets` failed, whose own message names neither the
+    file nor the line."""
+    for f in files:
+        if not f.is_file():
+            continue
+        builder = BUILDERS.get(f.suffix.lower())
+        if builder == "json":
+            why = _json_line_error(f)
+        elif builder == "csv":
+            why = _csv_error(f, sep)
+        elif builder == "parquet":
+            why = _parquet_error(f)
+        else:
+            why = None
+        if why:
+            return f, why
+    return None
+
+
+def cause_line(err: BaseException) -> str:
+    """The most specific first line of a (wrapped) library error: its root cause's, unless that says
+    nothing (`datasets` wraps the reason in "An error occurred while generating the dataset")."""
+    cause = root_cause(err)
+    text = first_line(cause)
+    return text if text != type(cause).__name__ else first_line(err)
+
+
+def blame(files: Sequence[Path], what: str, sep: str | None = None) -> DataError | None:
+    """After a read of ``files`` failed: a one-line error naming the file and byte that does not
+    decode, or the file and line that does not parse; None when every file looks fine."""
+    bad = _first_undecodable(files)
+    if bad:
+        path, offset, encoding, marked = bad
+        shown = "UTF-8" if encoding.startswith("utf-8") else encoding.upper()
+        marked_note = f", it starts with a {marked.upper()} byte-order mark" if marked != encoding and marked != "utf-8" else ""
+        return DataError(f"{path}: not valid {shown} (first bad byte at offset {offset}{marked_note}); "
+                         "re-encode it as UTF-8")
+    located = parse_error(files, sep)
+    if located:
+        return DataError(f"{what}: could not read {located[0]}: {located[1]}")
     return None
 
 
 @contextlib.contextmanager
-def naming_bad_files(files: Sequence[Path], what: str) -> Iterator[None]:
-    """Turn a failure while reading ``files`` into one line that names the culprit.
+def naming_bad_files(files: Sequence[Path], what: str, sep: str | None = None) -> Iterator[None]:
+    """Turn a failure while reading ``files`` into one line that names the culprit (`blame`), else the
+    library's innermost reason.
 
     Bad bytes surface late and in many forms (the text builder raises while generating, Arrow's
-    JSON reader keeps them and Python fails on first access), so the files are scanned for
-    non-UTF-8 content only once something has failed.
+    JSON reader keeps them and Python fails on first access), and `datasets` wraps parse errors in
+    "An error occurred while generating the dataset", so only once something has failed are the
+    files scanned: for bytes that do not decode, then for the first line that does not parse.
     """
     try:
         yield
     except DataError:
         raise
     except Exception as err:
-        bad = _first_undecodable(files)
-        if bad:
-            raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); "
-                            "re-encode it as UTF-8") from None
-        msg = first_line(err)
-        raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {msg}") from None
+        named = blame(files, what, sep)
+        if named is not None:
+            raise named from None
+        raise DataError(f"{what}: could not read {', '.join(map(str, files[:3]))}: {cause_line(err)}") from None
+
+
+def write_skip_list(output_dir: str | Path, name: str, lines: Sequence[str]) -> Path | None:
+    """``output_dir/data/<name>``: every input skipped as bad, one ``path<TAB>reason`` a line, so a
+    run's drops can be reviewed after the warnings scrolled away. Removed when nothing was skipped
+    (a stale list from an earlier run would name files that are now fine). Returns the path written."""
+    path = Path(output_dir) / "data" / name
+    if not lines:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def cache_root() -> Path:

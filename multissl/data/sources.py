@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multissl.errors import DataError, first_line
+from multissl.data.files import TEXT_FILES, blame, cause_line, quiet_builders
+from multissl.errors import DataError
 
 if TYPE_CHECKING:  # datasets loads inside the functions: importing this module stays cheap
     from datasets import Dataset, IterableDataset
@@ -57,8 +58,17 @@ def open_dataset(name_or_path: str, *, split: str, config_name: str | None = Non
             if streaming:  # no more shards than rows: to_iterable_dataset refuses that
                 return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), MAX_DISK_SHARDS)))
             return ds
-        return datasets.load_dataset(name_or_path, config_name or None, split=split, streaming=streaming)
+        with quiet_builders():
+            return datasets.load_dataset(name_or_path, config_name or None, split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"{where}={name_or_path!r} split {split!r}: {first_line(err)}") from None
+        named = blame(_data_files(local), f"{where}={name_or_path!r}") if local.is_dir() else None
+        if named is not None:  # datasets said "An error occurred while generating the dataset"
+            raise named from None
+        raise DataError(f"{where}={name_or_path!r} split {split!r}: {cause_line(err)}") from None
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The text and table files of a local dataset folder (imagefolder metadata included), to find a broken one."""
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in TEXT_FILES and f.is_file())

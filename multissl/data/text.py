@@ -3,6 +3,8 @@
 Documents are tokenized in batches (in parallel with ``num_proc``; cached by `datasets` for file
 sources), joined with a separator token and cut into blocks of ``max_seq_len`` so that padding is
 about zero: only the last block of each map batch can be short, and no token is dropped.
+
+Bad input (unusable files, control characters) is handled in `multissl.data.text_checks`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from typing import Any, Literal
 
 from multissl.data.files import TEXT_FILES, builder_of, expand_files, naming_bad_files, read_files
 from multissl.data.sources import open_dataset
+from multissl.data.text_checks import (
+    TextReport,
+    strip_table_controls,
+    strip_text_batch,
+    usable_text_files,
+)
 from multissl.errors import ConfigError, DataError, first_line
 
 PACK_BATCH = 1000  # documents per map batch: one possibly-short block per this many documents
@@ -49,6 +57,9 @@ class TextDataConfig:
     """Processes for tokenization; 0 = one."""
     max_documents: int = 0
     """Use only the first N documents (0 = all); handy for quick runs."""
+    on_bad_text: Literal["skip", "error"] = "skip"
+    """A text file that is empty, whitespace-only, binary or not UTF-8 (nor UTF-16/32 with a byte-order
+    mark): skip it with a warning naming it (listed in output_dir/data/skipped_text_files), or stop."""
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:
@@ -65,20 +76,54 @@ class TextData:
     train: Any
     eval: Any | None
     source: str
+    skipped_files: int = 0
+    """Text files left out as unusable (named in output_dir/data/skipped_text_files)."""
 
+
+# ------------------------------------------------------------------------------- bad input
 
 # ------------------------------------------------------------------------------- loading
-def load_files(files: list[Path], cfg: TextDataConfig, what: str, streaming: bool) -> Any:
-    """Files of one type as one dataset; empty files are skipped with a warning, not read as rows."""
+def load_files(files: list[Path], cfg: TextDataConfig | None, what: str, streaming: bool,
+               report: TextReport | None = None) -> Any:
+    """Files of one type as one dataset. Text files are checked first (`check_text_file`): unusable ones
+    are skipped as ``data.on_bad_text`` says, files with a UTF-16/32 byte-order mark are decoded by it,
+    and control characters are stripped. An empty table is skipped with a warning, not read as rows."""
+    import datasets
+
+    report = report if report is not None else TextReport()
     builder = builder_of(files, what)
-    empty = [f for f in files if f.stat().st_size == 0]
-    if empty:
-        if len(empty) == len(files):
-            raise DataError(f"{what}: the corpus is empty ({', '.join(map(str, files[:3]))} hold no bytes)")
-        print(f"warning: skipping {len(empty)} empty file(s), e.g. {empty[0]}", flush=True)
-        files = [f for f in files if f not in empty]
-    kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
-    return read_files(files, what, streaming=streaming, **kwargs)
+    on_bad = cfg.on_bad_text if cfg is not None else "skip"
+    if builder != "text":
+        empty = [f for f in files if f.stat().st_size == 0]
+        if empty and on_bad == "error":
+            raise DataError(f"{empty[0]}: the file is empty (data.on_bad_text=error)")
+        if empty:
+            if len(empty) == len(files):
+                raise DataError(f"{what}: the corpus is empty ({', '.join(map(str, files[:3]))} hold no bytes)")
+            print(f"warning: skipping {len(empty)} empty file(s), e.g. {empty[0]}", flush=True)
+            report.skipped += [(f, "empty (0 bytes)") for f in empty]
+            files = [f for f in files if f not in empty]
+        report.files += len(files) + len(empty)
+        report.used += files
+        return read_files(files, what, streaming=streaming)
+
+    checks = usable_text_files(files, what, on_bad, report)
+    by_codec: dict[str, list[Path]] = {}
+    for c in checks:
+        by_codec.setdefault(c.encoding, []).append(c.path)
+        if not c.encoding.startswith("utf-8"):  # UTF-8 with a BOM is still UTF-8 (its BOM is dropped)
+            report.decoded.append((c.path, c.encoding))
+        if c.controls:
+            report.stripped_files[c.path] = c.controls
+    report.used += [c.path for c in checks]
+    sample_by = cfg.sample_by if cfg is not None else "paragraph"
+    parts = [read_files(group, what, streaming=streaming, sample_by=sample_by,
+                        **({"encoding": codec} if codec != "utf-8" else {}))  # utf-8: the cache key it always had
+             for codec, group in by_codec.items()]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if any(c.controls for c in checks):
+        ds = ds.map(strip_text_batch, batched=True, **({} if streaming else {"desc": "stripping control characters"}))
+    return ds
 
 
 def load_hub(cfg: TextDataConfig, split: str) -> Any:
@@ -91,35 +136,48 @@ def _check_column(ds: Any, column: str, source: str) -> None:
         raise DataError(f"{source}: no column {column!r} (columns: {', '.join(names)}); set data.text_column")
 
 
-def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
-    """Raw ``(train, eval, source description)`` datasets with a text column, empties dropped."""
+def _is_text_files(files: list[Path]) -> bool:
+    return bool(files) and all(f.suffix.lower() in (".txt", ".text") for f in files)
+
+
+def load_raw(cfg: TextDataConfig, seed: int, report: TextReport | None = None) -> tuple[Any, Any | None, str]:
+    """Raw ``(train, eval, source description)`` datasets with a text column, empties dropped.
+
+    Skipped files and stripped characters go into ``report``; without one, their totals are printed here.
+    """
     from multissl.data.demo import demo_text_splits
 
+    own = report is None
+    report = report if report is not None else TextReport()
     files: list[Path] = []
     if cfg.files:
         files = expand_files(cfg.files, TEXT_FILES)
-        train, source = load_files(files, cfg, "data.files", cfg.streaming), ", ".join(cfg.files)
+        train, source = load_files(files, cfg, "data.files", cfg.streaming, report), ", ".join(cfg.files)
     elif cfg.dataset:
         train, source = load_hub(cfg, cfg.split), cfg.dataset
     else:
         train, held = demo_text_splits(cfg.validation_fraction)
         if cfg.streaming:
             train, held = train.to_iterable_dataset(), held.to_iterable_dataset()
-        return _clean(train, "text", "demo corpus", cfg), _clean(held, "text", "demo corpus", cfg), "python-docs (embedded)"
+        source = "python-docs (embedded)"
+        out = _clean(train, "text", "demo corpus", cfg, report), _clean(held, "text", "demo corpus", cfg, report), source
+        if own:
+            report.finish(None)
+        return out
 
     _check_column(train, cfg.text_column, source)
-    eval_ds = None
+    eval_ds, eval_files = None, []
     if cfg.eval_files:
         eval_files = expand_files(cfg.eval_files, TEXT_FILES, "data.eval_files")
-        files = files + eval_files
-        eval_ds = load_files(eval_files, cfg, "data.eval_files", cfg.streaming)
+        eval_ds = load_files(eval_files, cfg, "data.eval_files", cfg.streaming, report)
         _check_column(eval_ds, cfg.text_column, "data.eval_files")
     elif cfg.eval_split:
         eval_ds = load_hub(cfg, cfg.eval_split)
         _check_column(eval_ds, cfg.text_column, f"{source} split {cfg.eval_split}")
-    with naming_bad_files(files, source):  # the first full pass over the rows
-        train = _clean(train, cfg.text_column, source, cfg)
-        eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg) if eval_ds is not None else None
+    with naming_bad_files(report.used, source):  # the first full pass over the rows
+        train = _clean(train, cfg.text_column, source, cfg, report, stripped=_is_text_files(files))
+        if eval_ds is not None:
+            eval_ds = _clean(eval_ds, cfg.text_column, "eval data", cfg, report, stripped=_is_text_files(eval_files))
     if eval_ds is None and cfg.validation_fraction > 0:
         if cfg.streaming:  # no length to split by: a document's hash decides its side
             from multissl.data.demo import is_heldout
@@ -132,16 +190,22 @@ def load_raw(cfg: TextDataConfig, seed: int) -> tuple[Any, Any | None, str]:
                 raise DataError(f"{source}: only {len(train)} non-empty document(s); need at least 2 to hold out validation")
             parts = train.train_test_split(test_size=max(1, int(round(cfg.validation_fraction * len(train)))), seed=seed)
             train, eval_ds = parts["train"], parts["test"]
+    if own:
+        report.finish(None)
     return train, eval_ds, source
 
 
-def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig) -> Any:
-    """Keep only the text column; drop empty documents; cap the count when asked."""
+
+def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig, report: TextReport, stripped: bool = False) -> Any:
+    """Keep only the text column; cap the count when asked; strip control characters (unless the
+    file check did: ``stripped``); drop empty documents."""
     ds = ds.select_columns([column])
     if column != "text":
         ds = ds.rename_column(column, "text")
     if cfg.max_documents:
         ds = ds.take(cfg.max_documents) if not hasattr(ds, "__len__") else ds.select(range(min(cfg.max_documents, len(ds))))
+    if not stripped:
+        ds = strip_table_controls(ds, source, report)
     ds = ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)
     if hasattr(ds, "__len__") and len(ds) == 0:
         raise DataError(f"{source}: the corpus is empty (no non-empty text in column {column!r})")
@@ -302,12 +366,14 @@ def tokenize_and_pack(ds: Any, tokenizer: Any, kind: Literal["mlm", "clm"], cfg:
 
 def prepare_text(cfg: TextDataConfig, kind: Literal["mlm", "clm"], output_dir: str | Path, seed: int, trainer: Any = None,
                  tokenizer_algorithm: Literal["wordpiece", "bytelevel"] | None = None) -> TextData:
-    """Load, tokenize and pack a corpus for ``kind``; the tokenizer is saved in ``output_dir/tokenizer``."""
+    """Load, tokenize and pack a corpus for ``kind``; the tokenizer is saved in ``output_dir/tokenizer``,
+    the text files skipped as unusable are listed in ``output_dir/data/skipped_text_files``."""
     import contextlib
 
     first = trainer.main_process_first() if trainer is not None else contextlib.nullcontext()
+    report = TextReport()
     with first:
-        train, eval_raw, source = load_raw(cfg, seed)
+        train, eval_raw, source = load_raw(cfg, seed, report)
         tokenizer = get_tokenizer(cfg, kind, train, Path(output_dir) / "tokenizer", tokenizer_algorithm)
         train_blocks = tokenize_and_pack(train, tokenizer, kind, cfg)
         eval_blocks = tokenize_and_pack(eval_raw, tokenizer, kind, cfg) if eval_raw is not None else None
@@ -322,4 +388,5 @@ def prepare_text(cfg: TextDataConfig, kind: Literal["mlm", "clm"], output_dir: s
                 eval_blocks = split_dataset_by_node(eval_blocks, rank=acc.process_index, world_size=acc.num_processes)
     elif len(train_blocks) == 0:
         raise DataError(f"{source}: no training blocks after tokenization")
-    return TextData(tokenizer, train_blocks, eval_blocks, source)
+    report.finish(output_dir, main=getattr(trainer, "is_main", True))
+    return TextData(tokenizer, train_blocks, eval_blocks, source, len(report.skipped))

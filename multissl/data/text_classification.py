@@ -2,7 +2,8 @@
 
 Sources: local CSV/TSV/JSONL/JSON/parquet files, a Hub (or local) dataset, or the embedded topic
 task (CPython documentation paragraphs labelled by the chapter they come from). Rows with an empty
-text or no label are counted and skipped with a warning; a label outside the label map is an error
+text (blank, or only NUL/control characters) or no label are counted and skipped with a warning;
+control characters are stripped from the others (counted); a label outside the label map is an error
 naming its row and column.
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 from multissl.data.files import TABLE_FILES, expand_files
 from multissl.data.labels import LabelMap, infer_label_map, is_missing, stratified_subset, warn_skipped
 from multissl.data.sources import open_dataset
+from multissl.data.text import load_files
+from multissl.data.text_checks import strip_controls
 from multissl.errors import ConfigError, DataError
 
 
@@ -68,8 +71,6 @@ class LabelledText:
 
 
 def _load_table(files: list[str], what: str) -> Any:
-    from multissl.data.text import load_files
-
     paths = expand_files(files, TABLE_FILES, what)
     return load_files(paths, None, what, streaming=False), ", ".join(files)
 
@@ -102,26 +103,43 @@ def _check_columns(ds: Any, cfg: TextClassificationDataConfig, where: str) -> No
             raise DataError(f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)}); set {key}")
 
 
+def _clean_text(value: Any) -> tuple[str | None, int]:
+    """A cell as text without control characters (and how many went), or None when it holds no text."""
+    if not isinstance(value, str):
+        return None, 0
+    text, stripped = strip_controls(value)
+    return (text if text.strip() else None), stripped
+
+
 def _rows(ds: Any, cfg: TextClassificationDataConfig, labels: LabelMap, where: str) -> list[dict[str, Any]]:
-    """Checked rows; empty texts and missing labels are counted, skipped and reported once."""
+    """Checked rows; empty texts (blank, or nothing but NUL/control characters) and missing labels are
+    counted, skipped and reported once; control characters are stripped from the rest, with a count."""
     texts = ds[cfg.text_column]
     pairs = ds[cfg.text_pair_column] if cfg.text_pair_column else None
     values = ds[cfg.label_column]
     rows, skipped = [], []
+    stripped_chars, stripped_rows = 0, []
     for i, value in enumerate(values):
         row_name = f"{where}: row {i + 1}"
-        text, pair = texts[i], pairs[i] if pairs is not None else None
-        if not isinstance(text, str) or not text.strip() or (pairs is not None and (not isinstance(pair, str) or not pair.strip())):
+        text, n_text = _clean_text(texts[i])
+        pair, n_pair = _clean_text(pairs[i]) if pairs is not None else (None, 0)
+        if text is None or (pairs is not None and pair is None):
             skipped.append(f"{row_name} (empty text)")
             continue
         if is_missing(value):
             skipped.append(f"{row_name} (no label)")
             continue
+        if n_text + n_pair:
+            stripped_chars += n_text + n_pair
+            stripped_rows.append(i + 1)
         row = {"text": text, "label": labels.to_id(value, f"{row_name}, column {cfg.label_column!r}")}
         if pairs is not None:
             row["text_pair"] = pair
         rows.append(row)
     warn_skipped(where, f"{len(skipped)} of {len(values)} rows", skipped)
+    if stripped_chars:
+        print(f"warning: {where}: stripped {stripped_chars} control character(s) (NUL and other C0/C1 controls) "
+              f"from {len(stripped_rows)} row(s), e.g. row {stripped_rows[0]}", flush=True)
     if not rows:
         raise DataError(f"{where}: no usable rows (every row has an empty text or no label)")
     return rows
