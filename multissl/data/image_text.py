@@ -26,8 +26,15 @@ import numpy as np
 import torch
 
 from multissl.data.demo import heldout_mask
-from multissl.data.files import BUILDERS, IMAGE_TABLE_FILES, check_table, read_files
-from multissl.data.images import BadImage, image_cell, load_image, seeded_rngs
+from multissl.data.files import (
+    BUILDERS,
+    IMAGE_TABLE_FILES,
+    check_table,
+    naming_bad_files,
+    quiet_builders,
+    read_files,
+)
+from multissl.data.images import BadImage, blank_output, image_cell, load_image, seeded_rngs, skipped_ids
 from multissl.data.labels import LabelMap, class_label_names, clean_label, sorted_names
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError
@@ -55,8 +62,8 @@ class ImageTextDataConfig:
     image_key: str = "filepath"
     """Column of `csv` with the image paths (open_clip's --csv-img-key default)."""
     caption_key: str = "title"
-    """Caption column of `csv` and of metadata files (open_clip's --csv-caption-key default); metadata files
-    without it may use "captions", "caption" or "text" instead."""
+    """Caption column of `csv` and of metadata files (open_clip's --csv-caption-key default); each row of a
+    metadata file takes the first of this, "captions", "caption" and "text" that it fills (rows may differ)."""
     dataset: str = ""
     """A Hub dataset id, or a local save_to_disk / parquet folder, with image and caption columns."""
     split: str = "train"
@@ -88,14 +95,19 @@ class ImageTextDataConfig:
 
 
 class ImageTextCollator:
-    """``(samples, generator) -> {"images", "texts", "labels", "skipped"}``.
+    """``(samples, generator) -> {"images", "texts", "labels", "valid", "skipped", "skipped_ids"}``.
 
     ``transform`` (open_clip's train or val preprocess) maps an RGB PIL image to a tensor and runs
     under `seeded_rngs`, seeded once a batch from the batch generator; ``tokenizer`` maps a
     list of captions to ``(B, L)`` token ids. With several captions, training (``sample_caption``)
-    picks one with the generator, eval takes the first. Bad images are skipped with a warning for the
-    first few (per DataLoader worker) and counted in ``skipped`` (this copy) and in the batch's
-    ``skipped`` (this batch), which the trainer totals over workers and processes.
+    picks one with the generator, eval takes the first.
+
+    A batch keeps one row per sample, so every process holds the same number of rows for the
+    gathers of a contrastive loss, even when all its images are bad: a bad image's row holds zeros,
+    an empty caption and label -1, and is False in ``valid``, which the objective scores as nothing.
+    Bad images are warned about for the first few (per DataLoader worker) and counted in ``skipped``
+    (this copy, every read) and in the batch's ``skipped`` and ``skipped_ids`` (`skip_id` of each bad
+    file's name), from which the objective counts each bad file once.
     """
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
@@ -127,11 +139,10 @@ class ImageTextCollator:
         # the transforms' crops are drawn from, in order, so a batch is the same in any worker.
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         picks = torch.rand(len(samples), generator=generator, dtype=torch.float64).tolist()
-        images: list[torch.Tensor] = []
+        images: list[torch.Tensor | None] = []
         texts: list[str] = []
         labels: list[int] = []
-        first_error: BadImage | None = None
-        skipped = 0
+        bad: list[str] = []
         # The global generators are seeded, saved and restored once a batch: per image, that cost
         # about half the collation time of a batch of small images.
         with seeded_rngs(seed):
@@ -142,18 +153,23 @@ class ImageTextCollator:
                 except BadImage as err:
                     if self.on_bad_image == "error":
                         raise BadImage(str(err)) from None
-                    first_error = first_error or err
                     self._skip(err)
-                    skipped += 1
+                    bad.append(str(sample["path"]))
+                    images.append(None)
+                    texts.append("")
+                    labels.append(-1)
                     continue
                 images.append(self.transform(img))
                 texts.append(self._caption(sample["captions"], u))
                 label = sample.get("label")
                 labels.append(-1 if label is None else int(label))
-        if not images:
-            raise DataError(f"none of the {len(samples)} images in a batch could be used, e.g. {first_error}")
-        return {"images": torch.stack(images), "texts": torch.as_tensor(self.tokenizer(texts), dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "skipped": torch.tensor(skipped)}
+        good = [x for x in images if x is not None]
+        blank = torch.zeros_like(good[0]) if good else blank_output(self.transform)
+        return {"images": torch.stack([blank if x is None else x for x in images]),
+                "texts": torch.as_tensor(self.tokenizer(texts), dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "valid": torch.tensor([x is not None for x in images], dtype=torch.bool),
+                "skipped": torch.tensor(len(bad)), "skipped_ids": skipped_ids(bad)}
 
 
 # ------------------------------------------------------------------------------- datasets
@@ -171,11 +187,19 @@ class ImageTextStream:
     (``bytes`` None and ``label`` -1 where absent). No ``__len__``; `make_loader` batches this process's
     shard with `SeededStream` (`make_stream`); ``classnames`` is known only from a ``ClassLabel`` feature (or the demo)."""
 
-    def __init__(self, data: Any, classnames: list[str] | None = None, source: str = "") -> None:
+    def __init__(self, data: Any, classnames: list[str] | None = None, source: str = "",
+                 tables: list[Path] | None = None, what: str = "") -> None:
         self.data, self.classnames, self.source = data, classnames, source
+        self.tables, self.what = tables or [], what
+        """The tables the rows are read from (CSV or metadata files) and the config key naming them:
+        a line that does not parse, met while streaming, is a `DataError` naming its file and line."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.data)
+        if not self.tables:
+            yield from self.data
+            return
+        with quiet_builders(), naming_bad_files(self.tables, self.what):
+            yield from self.data
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.data, "set_epoch"):
@@ -183,7 +207,8 @@ class ImageTextStream:
 
     def shard(self, rank: int, world_size: int) -> ImageTextStream:
         """This process's part of the stream (`multissl.training.loader.split_by_node`)."""
-        return ImageTextStream(split_by_node(self.data, rank, world_size), self.classnames, self.source)
+        return ImageTextStream(split_by_node(self.data, rank, world_size), self.classnames, self.source, self.tables,
+                               self.what)
 
     def make_stream(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int,
                     world_size: int, split_tag: int) -> Any:
@@ -259,22 +284,35 @@ def _tab_separated(path: Path) -> bool:
     return "\t" in header and "," not in header
 
 
-def _table_columns(path: Path, columns: list[str], cfg: ImageTextDataConfig, metadata: bool) -> tuple[str, str, str | None]:
-    """``(image, caption, label or None)`` columns of a CSV (open_clip's keys) or an imagefolder metadata file."""
+def _table_columns(path: Path, columns: list[str], cfg: ImageTextDataConfig, metadata: bool
+                   ) -> tuple[str, list[str], str | None]:
+    """``(image, caption columns, label or None)`` of a CSV (open_clip's keys) or an imagefolder
+    metadata file. A metadata file may mix caption columns (one row ``caption``, the next ``text``):
+    every known one present is returned, in the order tried, and each row takes the first it fills
+    (`_row_captions`)."""
     if metadata:
         image = METADATA_IMAGE_KEY if METADATA_IMAGE_KEY in columns else cfg.image_key
         if image not in columns:
             raise _missing_column(str(path), METADATA_IMAGE_KEY, columns, "image_key", extra=f" (nor {cfg.image_key!r})")
-        tried = [cfg.caption_key, *CAPTION_FALLBACKS]
+        tried = list(dict.fromkeys([cfg.caption_key, *CAPTION_FALLBACKS]))
     else:
         image, tried = cfg.image_key, [cfg.caption_key]
         if image not in columns:
             raise _missing_column(str(path), image, columns, "image_key")
-    caption = next((c for c in tried if c in columns), None)
-    if caption is None:
+    captions = [c for c in tried if c in columns]
+    if not captions:
         extra = f" (nor {', '.join(map(repr, CAPTION_FALLBACKS))})" if metadata else ""
         raise _missing_column(str(path), cfg.caption_key, columns, "caption_key", extra=extra)
-    return image, caption, _label_column(columns, cfg, str(path))
+    return image, captions, _label_column(columns, cfg, str(path))
+
+
+def _row_captions(cells: Any) -> list[str]:
+    """A row's captions: those of the first of its caption cells (in the order tried) that has any."""
+    for cell in cells:
+        captions = captions_of(cell)
+        if captions:
+            return captions
+    return []
 
 
 def _image_file(rel: Any, base: Path, try_cwd: bool) -> Path | None:
@@ -313,15 +351,17 @@ class _Rows:
 
 
 def _gather_table(path: Path, cfg: ImageTextDataConfig, metadata: bool, rows: _Rows) -> None:
-    """Add one table's rows; a missing image file is an error naming its row, a row without a caption is dropped."""
+    """Add one table's rows; a missing image file is an error naming its row, a row without a caption
+    (in any of the caption columns) is dropped, counted and named in one warning."""
     what = "data.files" if metadata else "data.csv"
     ds = _read_table(path, what)
-    image_col, caption_col, label_col = _table_columns(path, ds.column_names, cfg, metadata)
+    image_col, caption_cols, label_col = _table_columns(path, ds.column_names, cfg, metadata)
     labels = ds[label_col] if label_col else itertools.repeat(None)
+    captions_by_row = zip(*(ds[c] for c in caption_cols))
     base = path.parent.absolute()
-    for row, (rel, caption, label) in enumerate(zip(ds[image_col], ds[caption_col], labels), start=1):
+    for row, (rel, cells, label) in enumerate(zip(ds[image_col], captions_by_row, labels), start=1):
         rows.seen += 1
-        captions = captions_of(caption)
+        captions = _row_captions(cells)
         if not captions:
             rows.dropped.append(f"{path}: row {row} ({rel})")
             continue
@@ -508,15 +548,18 @@ def prepare_image_text(
 # ------------------------------------------------------------------------------- streaming
 def _stream_table(path: Path, cfg: ImageTextDataConfig, metadata: bool, index: dict[str, int] | None) -> Any:
     """Rows of one table as they are read; a missing file reaches the collator, which skips it as bad."""
-    ds = _read_table(path, "data.files" if metadata else "data.csv", streaming=True)
-    columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
-    image_col, caption_col, label_col = _table_columns(path, columns, cfg, metadata)
+    what = "data.files" if metadata else "data.csv"
+    ds = _read_table(path, what, streaming=True)
+    with quiet_builders(), naming_bad_files([path], what):  # a stream that declares no features is read here for its columns
+        columns = list(ds.features) if ds.features is not None else list(next(iter(ds), {}))
+    image_col, caption_cols, label_col = _table_columns(path, columns, cfg, metadata)
     base = path.parent.absolute()
 
     def make(row: dict[str, Any]) -> dict[str, Any]:
-        file = _image_file(row[image_col], base, try_cwd=not metadata)
-        return {"path": str(file) if file else "", "bytes": None, "captions": captions_of(row[caption_col]),
-                "label": _label_id(row[label_col], index) if label_col else -1}
+        file = _image_file(row.get(image_col), base, try_cwd=not metadata)
+        return {"path": str(file) if file else "", "bytes": None,
+                "captions": _row_captions(row.get(c) for c in caption_cols),
+                "label": _label_id(row.get(label_col), index) if label_col else -1}
 
     return ds.map(make).select_columns(ROW_COLUMNS)
 
@@ -530,6 +573,7 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
     """
     import datasets
 
+    tables: list[Path] = []
     if cfg.dataset:
         raw = _open_dataset(cfg, streaming=True)
         names = class_label_names(raw.features.get(cfg.label_column)) if raw.features is not None else None
@@ -547,8 +591,9 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
         parts = [_stream_table(t, cfg, metadata, index) for t in tables]
         rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     rows = rows.filter(lambda r: bool(r["captions"]) and bool(r["path"]))
+    what = "data.csv" if cfg.csv else "data.files"
     if cfg.validation_fraction == 0:
-        return ImageTextStream(rows, classnames, source), None
+        return ImageTextStream(rows, classnames, source, tables, what), None
     from multissl.data.demo import is_heldout
 
     fraction = cfg.validation_fraction
@@ -556,5 +601,5 @@ def stream_image_text(cfg: ImageTextDataConfig) -> tuple[ImageTextStream, ImageT
     def held(row: dict[str, Any]) -> bool:
         return is_heldout(heldout_key(row["path"], row["bytes"]), fraction)
 
-    return (ImageTextStream(rows.filter(lambda r: not held(r)), classnames, source),
-            ImageTextStream(rows.filter(held), classnames, source))
+    return (ImageTextStream(rows.filter(lambda r: not held(r)), classnames, source, tables, what),
+            ImageTextStream(rows.filter(held), classnames, source, tables, what))

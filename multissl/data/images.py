@@ -6,6 +6,7 @@ any DataLoader worker and after a resume."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import random
 import warnings
@@ -96,11 +97,51 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise BadImage(f"{name}: cannot decode image ({first_line(err)})") from None
 
 
+def skip_id(name: str) -> int:
+    """A stable 63-bit id of a bad input's name, carried in batches as ``skipped_ids`` (a tensor, so
+    batches stay tensors only) for `DistinctSkips` to count each file once."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def skipped_ids(names: list[str]) -> torch.Tensor:
+    """The batch entry ``skipped_ids``: `skip_id` of each bad input's name, int64, in batch order."""
+    return torch.tensor([skip_id(n) for n in names], dtype=torch.long)
+
+
+class DistinctSkips:
+    """Bad files counted once each, however often they are drawn (every epoch, in any DataLoader
+    worker): what an objective's ``count`` reports as ``skipped_*``, so the run's total is the number
+    of distinct bad files, not of failed reads. The ids survive a resume through the objective's
+    ``state_dict``. Each process keeps its own ids: under several processes, a bad file that the
+    per-epoch shuffle deals to two processes is counted by each (batches without ``skipped_ids``
+    count their ``skipped`` as is)."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+    def new(self, batch: dict[str, Any]) -> int:
+        """How many of the batch's bad files were not counted before (and remember them)."""
+        ids = batch.get("skipped_ids")
+        if ids is None:
+            return int(batch.get("skipped", 0))
+        fresh = {int(i) for i in ids.tolist()} - self.ids
+        self.ids |= fresh
+        return len(fresh)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ids": sorted(self.ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ids = {int(i) for i in state.get("ids", [])}
+
+
 def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",
-                   max_pixels: int = 64_000_000) -> tuple[list[tuple[dict[str, Any], Any]], int]:
+                   max_pixels: int = 64_000_000, allow_empty: bool = False
+                   ) -> tuple[list[tuple[dict[str, Any], Any]], int]:
     """``([(sample, RGB image), ...], skipped)`` for a batch's rows ``{"path", "bytes"?}``: a bad
-    image is counted, warned about (the first 3) and left out, or raised with ``on_bad_image="error"``;
-    a batch with no usable image is an error naming the first bad one."""
+    image is counted, warned about (the first 3) and left out, or raised with ``on_bad_image="error"``.
+    A batch with no usable image is an error naming the first bad one, unless ``allow_empty`` (for
+    collators whose objective takes an empty batch: the lone held-out image that is bad)."""
     kept: list[tuple[dict[str, Any], Any]] = []
     skipped, first_error = 0, None
     for sample in samples:
@@ -113,20 +154,20 @@ def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",
             first_error = first_error or err
             if skipped <= 3:
                 print(f"warning: skipped an image: {err}", flush=True)
-    if not kept:
+    if not kept and not allow_empty:
         raise DataError(f"none of the {len(samples)} images in a batch could be used; the first: {first_error}")
     return kept, skipped
 
 
 def decode_and_transform(samples: list[dict[str, Any]], transforms: list[Any], generator: torch.Generator,
-                         on_bad_image: str = "skip", max_pixels: int = 64_000_000
+                         on_bad_image: str = "skip", max_pixels: int = 64_000_000, allow_empty: bool = False
                          ) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]], int]:
     """``(kept samples, [[transform(image) per kept image] per transform], skipped)``: what every image
     collator does first. Bad images are skipped as `decode_or_skip` does; one seed is drawn from the
     batch's ``generator`` and every transform runs under `seeded_rngs` of it (all transforms of an
     image before the next image), so a batch is the same in any worker and after a resume. The
     generator can be drawn from again afterwards (MAE's mask noise)."""
-    kept, skipped = decode_or_skip(samples, on_bad_image, max_pixels)
+    kept, skipped = decode_or_skip(samples, on_bad_image, max_pixels, allow_empty)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
     with seeded_rngs(seed):  # once a batch: the transforms draw from the global generators
@@ -134,6 +175,16 @@ def decode_and_transform(samples: list[dict[str, Any]], transforms: list[Any], g
             for out, transform in zip(outputs, transforms):
                 out.append(transform(img))
     return [sample for sample, _ in kept], outputs, skipped
+
+
+def blank_output(transform: Any) -> torch.Tensor:
+    """Zeros shaped like ``transform``'s output, for a row whose image was bad (or an empty batch's
+    shape): the transform is run once on a black image, under a fixed seed that leaves the global
+    generators as they were."""
+    from PIL import Image
+
+    with seeded_rngs(0):
+        return torch.zeros_like(transform(Image.new("RGB", (32, 32))))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from multissl.data.images import decode_and_transform
+from multissl.data.images import blank_output, decode_and_transform, skipped_ids
 from multissl.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,18 +90,25 @@ def view_transform(cfg: AugmentConfig) -> Any:
 
 @dataclass
 class ViewsCollator:
-    """``(samples, generator) -> {"views": [tensor (B, 3, H, W) per view], "labels", "skipped"}``.
+    """``(samples, generator) -> {"views": [tensor (B, 3, H, W) per view], "labels", "skipped", "skipped_ids"}``.
 
     One transform per view (SimCLR's two are alike; DINO's global and local crops differ); bad
-    images are skipped and counted (``on_bad_image="error"`` stops instead)."""
+    images are skipped and counted (``on_bad_image="error"`` stops instead), ``skipped_ids`` naming
+    them for `multissl.data.images.DistinctSkips`. A batch whose images are all bad is an error
+    unless ``allow_empty``: then it has no rows (views shaped ``(0, 3, H, W)``), for an objective
+    that scores an empty batch as nothing."""
 
     transforms: list[Any]
     on_bad_image: str = "skip"
     max_image_pixels: int = 64_000_000
+    allow_empty: bool = False
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         kept, views, skipped = decode_and_transform(samples, self.transforms, generator, self.on_bad_image,
-                                                    self.max_image_pixels)
+                                                    self.max_image_pixels, self.allow_empty)
+        kept_ids = {id(sample) for sample in kept}
+        bad = [str(sample["path"]) for sample in samples if id(sample) not in kept_ids]
         labels = [int(sample.get("label", -1)) for sample in kept]
-        return {"views": [torch.stack(v) for v in views], "labels": torch.tensor(labels, dtype=torch.long),
-                "skipped": skipped}
+        stacked = [torch.stack(v) if v else blank_output(t)[None][:0] for v, t in zip(views, self.transforms)]
+        return {"views": stacked, "labels": torch.tensor(labels, dtype=torch.long), "skipped": skipped,
+                "skipped_ids": skipped_ids(bad)}

@@ -1,12 +1,13 @@
 """CLIP-style image–text contrastive pretraining over `open_clip` models, losses and transforms.
 
 What open_clip provides is used as is: any of its model configs (or ours, registered with it), its
-train/val transforms and tokenizer, `ClipLoss` (negatives gathered across processes with
-gradients, loss over the local rows) and `SigLipLoss`, and its zero-shot classifier builder. What
-this module adds for the shared trainer: the loss in the trainer's metric form, the logit-scale
-clamp after every step, zero-shot accuracy and retrieval recall at eval time, and the output in
-open_clip's Hub format (``open_clip_config.json`` + weights) that
-``open_clip.create_model_and_transforms("local-dir:...")`` or ``"hf-hub:..."`` loads back.
+train/val transforms and tokenizer, its cross-process feature gather (with gradients), and its
+zero-shot classifier builder. What this module adds for the shared trainer: CLIP's and SigLIP's
+losses over the rows whose image could be used (`MaskedContrastiveLoss`: open_clip's `ClipLoss` and
+`SigLipLoss` on full batches, nothing from a bad image's row), in the trainer's metric form; bad
+images counted once per file; the logit-scale clamp after every step, zero-shot accuracy and
+retrieval recall at eval time, and the output in open_clip's Hub format (``open_clip_config.json``
++ weights) that ``open_clip.create_model_and_transforms("local-dir:...")`` or ``"hf-hub:..."`` loads back.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from multissl.data.images import DistinctSkips
 from multissl.errors import ConfigError, first_line
 from multissl.logs import quiet_root_logger
 from multissl.metrics import Mean
+from multissl.training.distributed import gather_with_grad
 from multissl.training.objective import ModelCardInfo, Objective
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -107,6 +110,81 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
     return model, train_tf, eval_tf, tokenizer, model_cfg
 
 
+MASKED = -1e9
+"""Logit of a bad image's column: exp(MASKED - x) is exactly 0 in float32, and finite, so no NaN reaches a gradient."""
+
+
+def _gather_mask(valid: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every process's ``valid`` rows in rank order (no gradient; as floats, which every backend gathers)."""
+    parts = [torch.zeros_like(valid, dtype=torch.float32) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, valid.float())
+    return torch.cat(parts) > 0.5
+
+
+def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy in float32 with the ``columns`` that are False left out of every softmax."""
+    return nn.functional.cross_entropy(logits.float().masked_fill(~columns[None, :], MASKED), target, reduction="none")
+
+
+class MaskedContrastiveLoss:
+    """CLIP's softmax loss or SigLIP's sigmoid loss over the rows whose ``valid`` is True: a bad image's
+    row is neither an anchor nor a negative. With every row valid it equals open_clip's `ClipLoss`
+    (``local_loss``, ``gather_with_grad``, its gather) or `SigLipLoss` (whose neighbour exchange is
+    here one gather of the texts with gradients: the same sums), values and gradients.
+
+    `sums` gives ``(total, count)``, the loss being ``total / count`` with ``count`` this process's
+    valid rows, which is how the trainer weighs processes (`multissl.metrics.Mean`); a batch with no
+    valid row gives a total of 0 that still depends on the features, so every process runs the same
+    backward and gathers (the batch shapes are the same everywhere: bad rows are kept as zeros).
+    """
+
+    def __init__(self, kind: str = "clip", local_loss: bool = True, gather_with_grad: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.kind, self.local_loss, self.gather_with_grad = kind, local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+        total, count = self.sums(image, text, scale, bias, valid)
+        return total / count.clamp_min(1)
+
+    def sums(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, count)`` for normalised ``(n, D)`` image and text features of this process's rows."""
+        n = image.shape[0]
+        valid = torch.ones(n, dtype=torch.bool, device=image.device) if valid is None else valid.to(image.device, torch.bool)
+        count = valid.sum().float()
+        world = self.world_size
+        all_valid = _gather_mask(valid, world) if world > 1 else valid
+        offset = self.rank * n if world > 1 else 0
+        if self.kind == "siglip":
+            all_text = gather_with_grad(text) if world > 1 else text
+            logits = (scale * image @ all_text.T + (bias if bias is not None else 0.0)).float()
+            labels = -torch.ones_like(logits)
+            labels[torch.arange(n, device=logits.device), offset + torch.arange(n, device=logits.device)] = 1.0
+            pairs = valid[:, None] & all_valid[None, :]
+            terms = -nn.functional.logsigmoid(labels * logits)
+            return torch.where(pairs, terms, torch.zeros_like(terms)).sum(), count
+        if world > 1:
+            from open_clip.loss import gather_features
+
+            all_image, all_text = gather_features(image, text, local_loss=self.local_loss,
+                                                  gather_with_grad=self.gather_with_grad, rank=self.rank,
+                                                  world_size=world)
+        else:
+            all_image, all_text = image, text
+        if world > 1 and not self.local_loss:  # every process scores the whole gathered batch
+            logits = scale * all_image @ all_text.T
+            target = torch.arange(logits.shape[0], device=logits.device)
+            ce = (_masked_cross_entropy(logits, target, all_valid) + _masked_cross_entropy(logits.T, target, all_valid)) / 2
+            whole = torch.where(all_valid, ce, torch.zeros_like(ce)).sum() / all_valid.sum().clamp_min(1)
+            return whole * count, count
+        target = offset + torch.arange(n, device=image.device)
+        ce = (_masked_cross_entropy(scale * image @ all_text.T, target, all_valid)
+              + _masked_cross_entropy(scale * text @ all_image.T, target, all_valid)) / 2
+        return torch.where(valid, ce, torch.zeros_like(ce)).sum(), count
+
+
 def recall_at(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
     """Share of rows whose matching column (the diagonal) ranks within the top k."""
     correct = similarity.diagonal()[:, None]
@@ -115,7 +193,9 @@ def recall_at(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dic
 
 
 class ClipPretraining(Objective):
-    """Contrastive image–text alignment; batches of ``{"images", "texts", "labels", "skipped"}``."""
+    """Contrastive image–text alignment; batches of ``{"images", "texts", "labels", "valid"?, "skipped",
+    "skipped_ids"?}`` (`multissl.data.image_text.ImageTextCollator`), where rows not ``valid`` (bad
+    images) take no part in the loss, the accuracies or the eval metrics."""
 
     name = "clip"
     modality = "image"
@@ -130,7 +210,9 @@ class ClipPretraining(Objective):
         self.eval_collate = make_collator(self.eval_transform, self.tokenizer, False)
         self.eval_data: Any = None
         """Held-out pairs (with labels and ``classnames`` for zero-shot) that `on_evaluate` scores."""
-        self._losses: dict[tuple[int, int], nn.Module] = {}
+        self._losses: dict[tuple[int, int], MaskedContrastiveLoss] = {}
+        self.skips = DistinctSkips()
+        """Bad training images counted so far, each file once however often it is drawn."""
 
     def collator(self) -> Any:
         return self.train_collate
@@ -139,41 +221,46 @@ class ClipPretraining(Objective):
         return self.eval_collate
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"samples": int(batch["images"].shape[0]),
-                "skipped_images": int(batch["skipped"]) if "skipped" in batch else 0}
+        """Usable rows, and the bad images not counted before (``skipped_images``: distinct files)."""
+        valid = batch.get("valid")
+        samples = int(valid.sum()) if valid is not None else int(batch["images"].shape[0])
+        return {"samples": samples, "skipped_images": self.skips.new(batch)}
 
-    def _loss_fn(self, distributed: bool) -> nn.Module:
-        from open_clip.loss import ClipLoss, SigLipLoss
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_images": self.skips.state_dict()}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.load_state_dict(state.get("skipped_images", {}))
+
+    def _loss_fn(self, distributed: bool) -> MaskedContrastiveLoss:
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
         key = (rank, world)
         if key not in self._losses:
-            if self.loss_cfg.kind == "siglip":
-                self._losses[key] = SigLipLoss(rank=rank, world_size=world)
-            else:
-                self._losses[key] = ClipLoss(local_loss=self.loss_cfg.local_loss, gather_with_grad=self.loss_cfg.gather_with_grad,
-                                             cache_labels=True, rank=rank, world_size=world)
+            self._losses[key] = MaskedContrastiveLoss(self.loss_cfg.kind, local_loss=self.loss_cfg.local_loss,
+                                                      gather_with_grad=self.loss_cfg.gather_with_grad, rank=rank,
+                                                      world_size=world)
         return self._losses[key]
 
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = model(image=batch["images"], text=batch["texts"])
+        image, text = out["image_features"], out["text_features"]
+        n = image.shape[0]
+        valid = batch.get("valid")
+        valid = torch.ones(n, dtype=torch.bool, device=image.device) if valid is None else valid.to(image.device, torch.bool)
         # Negatives from all processes while training (every process steps together); eval batches
         # can be uneven across processes, so eval scores each batch on its own.
         distributed = model.training and torch.distributed.is_available() and torch.distributed.is_initialized()
-        args = [out["image_features"], out["text_features"], out["logit_scale"]]
-        if self.loss_cfg.kind == "siglip":
-            args.append(out["logit_bias"])
-        loss = self._loss_fn(distributed)(*args)
-        n = out["image_features"].shape[0]
+        bias = out.get("logit_bias") if self.loss_cfg.kind == "siglip" else None
+        total, count = self._loss_fn(distributed).sums(image, text, out["logit_scale"], bias, valid)
         with torch.no_grad():
-            logits = out["image_features"] @ out["text_features"].T
+            logits = (image @ text.T).float()
             target = torch.arange(n, device=logits.device)
-            i2t = (logits.argmax(1) == target).float().sum()
-            t2i = (logits.argmax(0) == target).float().sum()
+            i2t = ((logits.masked_fill(~valid[None, :], MASKED).argmax(1) == target) & valid).float().sum()
+            t2i = ((logits.masked_fill(~valid[:, None], MASKED).argmax(0) == target) & valid).float().sum()
         return {
-            "loss": Mean(loss * n, n),
-            "batch_i2t_accuracy": Mean(i2t, n),
-            "batch_t2i_accuracy": Mean(t2i, n),
+            "loss": Mean(total, count),
+            "batch_i2t_accuracy": Mean(i2t, count),
+            "batch_t2i_accuracy": Mean(t2i, count),
             "logit_scale": out["logit_scale"].detach(),
         }
 
@@ -186,17 +273,30 @@ class ClipPretraining(Objective):
     @torch.no_grad()
     def embed(self, model: nn.Module, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised image and (first-)caption embeddings and labels of ``rows`` (bad images dropped)."""
+        return self._embed(model, rows)[:3]
+
+    def _embed(self, model: nn.Module, rows: list[dict[str, Any]]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """`embed`'s tensors and the number of rows whose image could not be used."""
         device = next(model.parameters()).device
         images, texts, labels = [], [], []
+        skipped = 0
         for start in range(0, len(rows), self.eval_cfg.batch_size):
             batch = self.eval_collate(rows[start : start + self.eval_cfg.batch_size], torch.Generator().manual_seed(0))
-            images.append(model.encode_image(batch["images"].to(device), normalize=True).float().cpu())
-            texts.append(model.encode_text(batch["texts"].to(device), normalize=True).float().cpu())
-            labels.append(batch["labels"])
-        return torch.cat(images), torch.cat(texts), torch.cat(labels)
+            keep = batch["valid"] if "valid" in batch else torch.ones(len(batch["images"]), dtype=torch.bool)
+            skipped += int((~keep).sum())
+            if not keep.any():
+                continue
+            images.append(model.encode_image(batch["images"][keep].to(device), normalize=True).float().cpu())
+            texts.append(model.encode_text(batch["texts"][keep].to(device), normalize=True).float().cpu())
+            labels.append(batch["labels"][keep])
+        if not images:
+            return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), skipped
+        return torch.cat(images), torch.cat(texts), torch.cat(labels), skipped
 
     def on_evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Retrieval recall both ways on held-out pairs, and zero-shot accuracy when they have labels."""
+        """Retrieval recall both ways on held-out pairs, and zero-shot accuracy when they have labels;
+        ``skipped_images``: how many of the held-out images scored (the first ``eval.max_images``) were bad."""
         if self.eval_data is None or not hasattr(self.eval_data, "__len__") or len(self.eval_data) == 0:
             return {}
         from multissl.training.loader import rows as read_rows
@@ -205,9 +305,12 @@ class ClipPretraining(Objective):
         model.eval()
         try:
             count = min(len(self.eval_data), self.eval_cfg.max_images)
-            image, text, labels = self.embed(model, read_rows(self.eval_data.data, list(range(count))))
+            image, text, labels, skipped = self._embed(model, read_rows(self.eval_data.data, list(range(count))))
+            metrics: dict[str, Any] = {"skipped_images": skipped} if skipped else {}
+            if len(image) == 0:  # every held-out image was bad: nothing to score
+                return metrics
             sim = image @ text.T
-            metrics: dict[str, Any] = {"retrieval_chance": 1.0 / len(image)}
+            metrics["retrieval_chance"] = 1.0 / len(image)
             for direction, matrix in (("image_to_text", sim), ("text_to_image", sim.T)):
                 for k, value in recall_at(matrix).items():
                     metrics[f"{direction}_R@{k}"] = value
