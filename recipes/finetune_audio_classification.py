@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(AudioClassificationConfig, argv, DEFAULT_CONFIG)
     trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
-        train, held_out, labels, source = label_splits(cfg.data, default_keyword_corpus)
+        train, held_out, labels, source = label_splits(cfg.data, default_keyword_corpus, cfg.trainer.output_dir)
     trainer.print(f"{source}: {len(train)} training and {len(held_out)} eval clips, "
                   f"{labels.num_labels} labels ({', '.join(labels.names)})")
     model, base = build_audio_classifier(cfg.model, labels)

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(SpeechRecognitionConfig, argv, DEFAULT_CONFIG)
     trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
-        train, held_out, source = prepare_labelled_audio(cfg.data, "transcript", default_speech_corpus)
+        train, held_out, source = prepare_labelled_audio(cfg.data, "transcript", default_speech_corpus,
+                                                      output_dir=cfg.trainer.output_dir)
         train, held_out, vocab = prepare_transcripts(train, held_out, cfg.data, source)
     trainer.print(f"{source}: {len(train)} training and {len(held_out)} eval utterances; "
                   f"{len(vocab)} CTC symbols ({''.join(c for c in vocab if len(c) == 1)})")

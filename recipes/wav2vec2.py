@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> FitResult:
     cfg = config.load(Wav2Vec2Config, argv, DEFAULT_CONFIG)
     trainer = recipe_trainer(cfg)
     with trainer.main_process_first():
-        train, held_out = prepare_audio(cfg.data, cfg.trainer.seed)
+        train, held_out = prepare_audio(cfg.data, cfg.trainer.seed, cfg.trainer.output_dir)
     objective = Wav2Vec2Pretraining(cfg.model, cfg.loss, train.collator())
     return trainer.fit(objective, train, held_out)
 

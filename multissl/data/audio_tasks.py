@@ -48,22 +48,23 @@ def _usable(ds: AudioDataset, column: str, where: str) -> list[int]:
 
 
 def prepare_labelled_audio(cfg: LabelledAudioDataConfig, column: Literal["label", "transcript"],
-                           default_manifest: Callable[[], Path], label_ids: Callable[[list[object]], list[int]] | None = None
-                           ) -> tuple[AudioDataset, AudioDataset, str]:
+                           default_manifest: Callable[[], Path], label_ids: Callable[[list[object]], list[int]] | None = None,
+                           output_dir: str | Path | None = None) -> tuple[AudioDataset, AudioDataset, str]:
     """``(train, eval, source)``: eval holds out whole speakers (as in pretraining); training keeps
-    ``label_fraction`` of its utterances, the same share of every class when ``label_ids`` is given."""
+    ``label_fraction`` of its utterances, the same share of every class when ``label_ids`` is given.
+    Files loading left out travel with ``train`` (see `prepare_audio`; listed under ``output_dir``)."""
     source = cfg.manifest or cfg.dataset or ", ".join(cfg.files)
     if not source:
         cfg = dataclasses.replace(cfg, manifest=str(default_manifest()))
         source = "embedded demo"
-    train, held = prepare_audio(cfg)
+    train, held = prepare_audio(cfg, output_dir=output_dir)
     if held is None:
         raise ConfigError("fine-tuning needs an eval split: set data.validation_fraction > 0")
     if column not in train.data.column_names:
         raise DataError(f"{source}: no {column!r} column (columns: {', '.join(train.data.column_names)}); "
                         f"a manifest for this task needs a {column!r} field per utterance")
-    train = AudioDataset(train.data.select(_usable(train, column, source)), cfg)
-    held = AudioDataset(held.data.select(_usable(held, column, f"{source} (eval)")), cfg)
+    train = train.with_data(train.data.select(_usable(train, column, source)))
+    held = held.with_data(held.data.select(_usable(held, column, f"{source} (eval)")))
     keys = label_ids(train.data[column]) if label_ids is not None else [0] * len(train)
     keep = stratified_subset(keys, cfg.label_fraction, cfg.subset_seed)
-    return AudioDataset(train.data.select(keep), cfg), held, source
+    return train.with_data(train.data.select(keep)), held, source

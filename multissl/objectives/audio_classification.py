@@ -23,13 +23,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from multissl.data.audio import AudioDataset
+from multissl.data.audio import AudioDataset, AudioSkips
 from multissl.data.audio_tasks import LabelledAudioDataConfig, prepare_labelled_audio
 from multissl.data.labels import LabelMap, infer_label_map
 from multissl.errors import ConfigError, DataError
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
-from multissl.training.objective import ModelCardInfo, Objective
+from multissl.training.objective import ModelCardInfo, Objective, TrainContext
 
 WAV2VEC2_TYPES = ("wav2vec2",)
 LABEL_COLUMN = "label"
@@ -87,21 +87,22 @@ def _with_ids(ds: AudioDataset, labels: LabelMap, where: str) -> AudioDataset:
     """The dataset with its label column as ids; a label outside the map is an error naming the file."""
     ids = [labels.to_id(value, f"{where}: {path}, column {LABEL_COLUMN!r}")
            for value, path in zip(ds.data[LABEL_COLUMN], ds.data["path"])]
-    return AudioDataset(ds.data.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, ids), ds.cfg)
+    return ds.with_data(ds.data.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, ids))
 
 
-def label_splits(cfg: LabelledAudioDataConfig, default_manifest: Callable[[], Path]
-                 ) -> tuple[AudioDataset, AudioDataset, LabelMap, str]:
+def label_splits(cfg: LabelledAudioDataConfig, default_manifest: Callable[[], Path],
+                 output_dir: str | Path | None = None) -> tuple[AudioDataset, AudioDataset, LabelMap, str]:
     """``(train, eval, labels, source)`` with integer labels. The label map comes from ``cfg.labels``,
     else the training split's sorted distinct labels; ``label_fraction`` keeps the same share of every
-    class; eval speakers are held out whole."""
+    class; eval speakers are held out whole. Unusable files are listed under ``output_dir`` (see
+    `prepare_audio`)."""
     found: list[LabelMap] = []
 
     def strata(values: list[Any]) -> list[int]:
         found.append(infer_label_map(values, None, cfg.labels))
         return [_stratum(found[0], v) for v in values]
 
-    train, held, source = prepare_labelled_audio(cfg, LABEL_COLUMN, default_manifest, strata)
+    train, held, source = prepare_labelled_audio(cfg, LABEL_COLUMN, default_manifest, strata, output_dir)
     labels = found[0]
     return _with_ids(train, labels, source), _with_ids(held, labels, f"{source} (eval)"), labels, source
 
@@ -198,20 +199,33 @@ class AudioClassification(Objective):
         self.audio_collate, self.feature_extractor = audio_collate, feature_extractor
         self.sample_rate = getattr(audio_collate, "sample_rate", 16000)
         self.base_model = base_model
+        self.skips = AudioSkips(audio_collate)
 
     def collator(self) -> LabelledAudioCollator:
         return LabelledAudioCollator(self.audio_collate)
 
+    def setup(self, context: TrainContext) -> None:
+        self.skips.setup(context.rank)
+
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
+        """``skipped_audio_files``: distinct files, each counted once (see `AudioSkips`)."""
         return {"samples": int(batch["labels"].shape[0]),
                 "audio_seconds": float(batch["attention_mask"].sum()) / self.sample_rate,
-                "skipped_audio_files": int(batch["skipped"])}
+                "skipped_audio_files": self.skips.count(batch)}
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        if not model.training:
+            self.skips.note(batch)
         return labelled_step(model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits, batch, self.labels, model.training)
 
     def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
         return summarize_classification(metrics, self.labels.num_labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skips": self.skips.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.load_state_dict(state.get("skips", {}))
 
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         model.save_pretrained(output_dir)

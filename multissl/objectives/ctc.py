@@ -24,12 +24,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from multissl.data.audio import AudioDataset
+from multissl.data.audio import AudioDataset, AudioSkips
 from multissl.data.audio_tasks import NAMED_IN_WARNINGS, LabelledAudioDataConfig
 from multissl.errors import ConfigError, DataError
 from multissl.metrics import Mean
 from multissl.objectives.finetune import finetuned_card
-from multissl.training.objective import LOWER_IS_BETTER, ModelCardInfo, Objective, lower_is_better_by_name
+from multissl.training.objective import (
+    LOWER_IS_BETTER,
+    ModelCardInfo,
+    Objective,
+    TrainContext,
+    lower_is_better_by_name,
+)
 
 PAD, UNK, DELIMITER = "<pad>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, UNK, DELIMITER)  # ids 0, 1, 2; characters follow in sorted order
@@ -145,7 +151,7 @@ def with_text(ds: AudioDataset, cfg: SpeechRecognitionDataConfig, where: str) ->
     if not keep:
         raise DataError(f"{where}: no utterance is left with a transcript and at most data.max_seconds of audio")
     data = ds.data.add_column("text", texts).select(keep)
-    return AudioDataset(data, cfg)
+    return ds.with_data(data)
 
 
 def check_eval_chars(ds: AudioDataset, vocab: dict[str, int], on_unknown: str, where: str) -> int:
@@ -305,9 +311,19 @@ class SpeechRecognition(Objective):
         self.audio_collate = audio_collate
         self.sample_rate = getattr(audio_collate, "sample_rate", 16000)
         self.base_model = base_model
+        self.skips = AudioSkips(audio_collate)
 
     def collator(self) -> TranscriptCollator:
         return TranscriptCollator(self.audio_collate, self.vocab)
+
+    def setup(self, context: TrainContext) -> None:
+        self.skips.setup(context.rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skips": self.skips.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.load_state_dict(state.get("skips", {}))
 
     def lower_is_better(self, metric: str) -> bool:
         return lower_is_better_by_name(metric, (*LOWER_IS_BETTER, "wer", "cer"))
@@ -315,9 +331,11 @@ class SpeechRecognition(Objective):
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": int(batch["input_values"].shape[0]),
                 "audio_seconds": float(batch["attention_mask"].sum()) / self.sample_rate,
-                "skipped_audio_files": int(batch["skipped"]) if "skipped" in batch else 0}
+                "skipped_audio_files": self.skips.count(batch)}
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        if not model.training:
+            self.skips.note(batch)
         out = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         n = batch["labels"].shape[0]
         metrics: dict[str, Any] = {"loss": Mean(out.loss * n, n)}  # per-utterance mean over every eval utterance

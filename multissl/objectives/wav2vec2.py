@@ -17,9 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from multissl.data.audio import AudioSkips
 from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
-from multissl.training.objective import ModelCardInfo, Objective
+from multissl.training.objective import ModelCardInfo, Objective, TrainContext
 
 # hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
 # with 2 x 64 its codes change almost every frame and stay unpredictable for a model this size.
@@ -229,6 +230,7 @@ class Wav2Vec2Pretraining(Objective):
         self.low_perplexity_steps = 0
         self._features: torch.Tensor | None = None
         self.model.wav2vec2.feature_extractor.register_forward_hook(self._on_features)
+        self.skips = AudioSkips(audio_collate)
 
     # feature encoder: gradient scale (paper: 0.1) and the features kept for the L2 penalty. As in
     # fairseq, the penalty is taken after the scale, so its gradient is scaled too (unscaled, its
@@ -244,12 +246,18 @@ class Wav2Vec2Pretraining(Objective):
         return SpanMaskingCollator(self.audio_collate, self.kernels, self.strides, self.loss_cfg.mask_prob,
                                    self.loss_cfg.mask_length, self.loss_cfg.num_negatives)
 
-    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    def setup(self, context: TrainContext) -> None:
+        self.skips.setup(context.rank)
+
+    def count(self, batch: dict[str, Any]) -> dict[str, float]:
+        """``skipped_audio_files``: distinct files, each counted once (see `AudioSkips`)."""
         seconds = float(batch["attention_mask"].sum()) / self.sample_rate
         return {"samples": int(batch["input_values"].shape[0]), "audio_seconds": seconds,
-                "skipped_audio_files": int(batch["skipped"]) if "skipped" in batch else 0}
+                "skipped_audio_files": self.skips.count(batch)}
 
-    def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        if not model.training:
+            self.skips.note(batch)
         mask = batch["mask_time_indices"]
         out = model(
             input_values=batch["input_values"], attention_mask=batch["attention_mask"],
@@ -319,13 +327,15 @@ class Wav2Vec2Pretraining(Objective):
         return msg
 
     def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "step": self.step, "low_perplexity_steps": self.low_perplexity_steps}
+        return {"temperature": self.temperature, "step": self.step, "low_perplexity_steps": self.low_perplexity_steps,
+                "skips": self.skips.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.temperature = state["temperature"]
         self.step = state["step"]
         self.low_perplexity_steps = state.get("low_perplexity_steps", 0)
         self.model.set_gumbel_temperature(self.temperature)
+        self.skips.load_state_dict(state.get("skips", {}))
 
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         """The saved config carries the fine-tuning SpecAugment value, not pretraining's 0.65."""
