@@ -7,6 +7,7 @@ interrupted run exits with 130 after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,19 +49,37 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
         main(argv)
     except TrainingInterrupted as err:
         print(f"multissl: {err}", file=sys.stderr)
+        _leave_process_group()
         sys.exit(130)
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save yet
         print("multissl: interrupted", file=sys.stderr)
         sys.exit(130)
     except MultiSSLError as err:
         print(f"multissl: error: {err}", file=sys.stderr)
+        _leave_process_group()
         sys.exit(2)
     return 0
 
 
-def push(ns: argparse.Namespace) -> int:
-    from multissl.hub import push_to_hub
+def _leave_process_group() -> None:
+    """Under torchrun, close the process group before exiting with an error every process agreed on
+    (an interrupt, an output folder in use): left to interpreter shutdown, gloo aborts the process
+    ("terminate called without an active exception") instead of exiting with our status."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # the process is exiting anyway: its status is what matters
+            dist.destroy_process_group()
 
+
+def push(ns: argparse.Namespace) -> int:
+    """``multissl push``: refused while a run in another process still writes the folder (a push at the
+    end of training, ``hub.push=true``, runs in the run's own process through the callback)."""
+    from multissl.hub import push_to_hub
+    from multissl.run_lock import refuse_if_in_use
+
+    folder = Path(ns.output_dir).expanduser()
+    for claimed in (folder,) if (folder / "model").is_dir() else (folder, folder.parent):  # a model folder: its run
+        refuse_if_in_use(claimed, "wait for it to finish, then push")
     result = push_to_hub(ns.output_dir, ns.repo_id, private=ns.private, revision=ns.revision,
                          commit_message=ns.commit_message, token=ns.token, exist_ok=ns.exist_ok,
                          prune=not ns.keep_old_files)
@@ -234,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_probe_command(ns)
         if ns.command == "demo":
             from multissl.demo import demo
+            from multissl.run_lock import claim
 
-            demo(ns.output_dir, ns.steps, ns.recipes, lift=not ns.no_lift)
+            with claim(ns.output_dir, "--output-dir"):  # each recipe's trainer also locks its own folder
+                demo(ns.output_dir, ns.steps, ns.recipes, lift=not ns.no_lift)
             return 0
         if ns.command == "push":
             return push(ns)

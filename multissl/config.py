@@ -182,14 +182,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    empty = ConfigError(f"config file {p} is empty (it sets no keys); put config keys in it, "
+                        "or leave out --config to run the recipe's preset")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a YAML text file (byte {err.start} is not UTF-8)") from None
+    if not text.strip():  # before YAML, which calls a tab-only line a syntax error
+        raise empty
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        return {}
+    if data is None:  # comments only: training the bare defaults (not the preset) would be a silent surprise
+        raise empty
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
     return data

@@ -5,15 +5,18 @@ open_clip config, the card) plus the run's resolved config and a metrics summary
 checkpoints, optimizer states, TensorBoard events or caches. It goes through ``huggingface_hub``,
 so the token comes from ``--token``, ``HF_TOKEN`` or the saved login, and ``HF_ENDPOINT`` is
 respected. Failures become one-line ``HubError``s with the token scrubbed; transient ones
-(connection errors, 429, 5xx) are retried with back-off first. Local files are never modified.
+(connection errors, a connection lost mid-upload, 429, 5xx) are retried with back-off first. Local
+files are never modified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -201,7 +204,8 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, revisi
         stale = _stale(_with_retries(lambda: api.list_repo_files(full_id, revision=branch)), contents) if prune else []
         operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         message = commit_message or f"Upload {model_dir.parent.name or 'model'} (multissl)"
-        info = _with_retries(lambda: api.create_commit(full_id, operations, commit_message=message, revision=branch))
+        with _upload_bars_on_a_terminal_only():
+            info = _with_retries(lambda: api.create_commit(full_id, operations, commit_message=message, revision=branch))
     except HubError:
         raise
     except Exception as err:
@@ -228,9 +232,27 @@ def _causes(err: BaseException) -> list[BaseException]:
     return chain
 
 
+def _is_client_closed(err: BaseException) -> bool:
+    """httpx's error for a request on a closed client. huggingface_hub uploads LFS files from
+    several threads through one shared client and closes it when a connection fails (to drop bad
+    connections); another thread about to send on it then gets this. It means: the connection to
+    the Hub broke (a server gone mid-upload), as transient as the error that closed it."""
+    return isinstance(err, RuntimeError) and "client has been closed" in str(err)
+
+
 def _is_network_error(err: BaseException) -> bool:
     names = {c.__name__ for c in type(err).__mro__}
-    return bool(names & {"TransportError", "ConnectionError", "TimeoutError"}) or isinstance(err, ConnectionError)
+    return (bool(names & {"TransportError", "ConnectionError", "TimeoutError"}) or isinstance(err, ConnectionError)
+            or _is_client_closed(err))
+
+
+def _uploading(err: BaseException) -> str:
+    """`` while uploading FILE`` when the client says which upload failed, else nothing."""
+    for e in _causes(err):
+        found = re.match(r"Error while uploading '(.+)' to the Hub", str(e))
+        if found:
+            return f" while uploading {found.group(1)}"
+    return ""
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -244,7 +266,9 @@ def _is_transient(err: BaseException) -> bool:
 
 
 def _with_retries(call: Callable[[], T]) -> T:
-    """``call()``, tried again after each of ``RETRY_DELAYS`` when it fails transiently."""
+    """``call()``, tried again after each of ``RETRY_DELAYS`` when it fails transiently. Each try
+    after the first starts on a new HTTP client: the failed one may hold dead connections, or have
+    been closed under one upload thread by another's connection error (see `_is_client_closed`)."""
     for delay in (*RETRY_DELAYS, None):
         try:
             return call()
@@ -252,7 +276,26 @@ def _with_retries(call: Callable[[], T]) -> T:
             if delay is None or not _is_transient(err):
                 raise
             time.sleep(delay)
+            from huggingface_hub import close_session
+
+            close_session()
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _upload_bars_on_a_terminal_only() -> Iterator[None]:
+    """huggingface_hub's upload progress bars, only when stderr is a terminal: in a log or a pipe
+    they are lines of noise, and a failed push must read as its one line."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hide = not (getattr(sys.stderr, "isatty", None) and sys.stderr.isatty()) and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
 
 
 def _one_line(text: Any, limit: int = 240) -> str:
@@ -285,8 +328,10 @@ def _describe(err: BaseException, repo_id: str, endpoint: str, stage: str) -> st
             return f"the Hub at {endpoint} answered {status}{said}"
         if type(e).__name__ == "OfflineModeIsEnabled":
             return "HF_HUB_OFFLINE is set: unset it to push"
+        if _is_client_closed(e):
+            return f"cannot reach the Hub at {endpoint}: the connection was lost{_uploading(err)} {tries}"
         if _is_network_error(e):
-            return f"cannot reach the Hub at {endpoint}: {_one_line(e) or type(e).__name__} {tries}"
+            return f"cannot reach the Hub at {endpoint}: {_one_line(e) or type(e).__name__}{_uploading(err)} {tries}"
     if isinstance(err, ValueError):  # the client's checks: invalid repo id, invalid card metadata, ...
         return _one_line(err)
     return None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from multissl.errors import ConfigError
 from multissl.registry import find
+from multissl.run_lock import claim
 
 ARMS = {"pretrained": "false", "from scratch": "true"}  # arm -> model.random_init
 
@@ -129,16 +130,17 @@ def run_lift(task: str, pretrained: str, output_dir: str | Path, fractions: list
     main = find("finetune", task).main
     out = Path(output_dir)
     report = LiftReport(task, pretrained, "")
-    for fraction in sorted(fractions):
-        for seed in seeds:
-            for arm, random_init in ARMS.items():
-                run_dir = out / "runs" / f"{arm.replace(' ', '-')}_labels{fraction:g}_seed{seed}"
-                print(f"\n== {task}: {arm}, {fraction:.0%} of the labels, seed {seed} ==", flush=True)
-                result = main([*(args or []), f"model.init_from={pretrained}", f"model.random_init={random_init}",
-                                      f"data.label_fraction={fraction}", f"data.subset_seed={seed}",
-                                      f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", "trainer.eval_every=0"])
-                report.metric, report.lower_is_better = result.best_metric, result.lower_is_better
-                report.runs.append(LiftRun(arm, fraction, seed, result.final_metrics[result.best_metric],
-                                           result.train_size, str(run_dir)))
-    write_report(report, out)
+    with claim(out, "--output-dir"):  # one lift per folder; its runs' folders are locked by their trainers
+        for fraction in sorted(fractions):
+            for seed in seeds:
+                for arm, random_init in ARMS.items():
+                    run_dir = out / "runs" / f"{arm.replace(' ', '-')}_labels{fraction:g}_seed{seed}"
+                    print(f"\n== {task}: {arm}, {fraction:.0%} of the labels, seed {seed} ==", flush=True)
+                    result = main([*(args or []), f"model.init_from={pretrained}", f"model.random_init={random_init}",
+                                  f"data.label_fraction={fraction}", f"data.subset_seed={seed}",
+                                  f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", "trainer.eval_every=0"])
+                    report.metric, report.lower_is_better = result.best_metric, result.lower_is_better
+                    report.runs.append(LiftRun(arm, fraction, seed, result.final_metrics[result.best_metric],
+                                               result.train_size, str(run_dir)))
+        write_report(report, out)
     return report

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from multissl.full_disk import no_space_as_output_error
 
 
 @dataclass
@@ -104,11 +107,17 @@ class JsonlWriter:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
-        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.partial")  # a full disk must not cost the old lines
+        with no_space_as_output_error(self.path):
+            try:
+                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
-        with self.path.open("a", encoding="utf-8") as f:
+        with no_space_as_output_error(self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
 
 

@@ -10,15 +10,19 @@ repo id and the contents. Authorization is ``Bearer <token>`` against ``tokens``
 a wrong token is a 401 everywhere; writes need a token whose user owns the namespace (or belongs
 to it through ``orgs``), else 401 (anonymous) or 403; private repos answer 401 (anonymous) or 404
 (another user) to reads. ``fail`` injects answers: ``server.fail["commit"] = [503]`` makes the
-next commit call answer 503. Every request is logged in ``requests`` as (method, route, status).
+next commit call answer 503. ``die_during["lfs_upload"] = n`` crashes the server mid-upload: once n
+uploads have sent part of their body, their connections are cut unanswered and the server stops
+(logged with status 0). Every request is logged in ``requests`` as (method, route, status).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,8 +97,10 @@ class HubServer:
         self.unknown: list[tuple[str, str]] = []
         self.validated: list[str] = []
         self.fail: dict[str, list[int]] = {}
+        self.die_during: dict[str, int] = {}
         self.lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
+        self._dying: dict[str, threading.Barrier] = {}
 
     # ----------------------------------------------------------------------- lifecycle
     def start(self) -> HubServer:
@@ -109,10 +115,11 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        with self.lock:  # a dying server stops from several handler threads at once
+            httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -269,6 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
+        if self.hub.die_during and self._dies(url.path):
+            return
         body = self._body()
         route, status = "unknown", 500
         try:
@@ -295,6 +304,22 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.code
         self.hub.requests.append((self.command, route, status))
         self._send(status, payload, headers)
+
+    def _dies(self, path: str) -> bool:
+        """``hub.die_during``: part of the body read, the others of the route awaited (up to 5 s),
+        then the connection cut unanswered and the server stopped."""
+        route = next((name for method, pattern, name in ROUTES if method == self.command and re.fullmatch(pattern, path)), "")
+        if route not in self.hub.die_during:
+            return False
+        self.rfile.read(min(1024, int(self.headers.get("Content-Length") or 0)))
+        with self.hub.lock:
+            self.hub.requests.append((self.command, route, 0))
+            barrier = self.hub._dying.setdefault(route, threading.Barrier(self.hub.die_during[route]))
+        with contextlib.suppress(threading.BrokenBarrierError):  # fewer came: cut off those that did
+            barrier.wait(timeout=5)
+        self.connection.shutdown(socket.SHUT_RDWR)
+        threading.Thread(target=self.hub.stop, daemon=True).start()
+        return True
 
     def _send(self, status: int, payload: Any, headers: dict[str, str]) -> None:
         if isinstance(payload, bytes):

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from multissl import config as config_lib
-from multissl.errors import ConfigError, TrainingError, TrainingInterrupted
+from multissl.errors import ConfigError, OutputError, TrainingError, TrainingInterrupted, first_line
+from multissl.full_disk import is_out_of_space, no_space_error
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
@@ -93,11 +94,36 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
         self._stop_signal: int | None = None
+        # One run per output folder (multissl.run_lock): rank 0 checks and locks it before anything is
+        # written, until the end of fit; every process learns the outcome, so none waits for a rank
+        # that gave up.
+        from multissl.errors import OutputError
+        from multissl.run_lock import RunLock, claim
+
+        self._run_lock: RunLock | None = None
+        problem = ""
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if run_config is not None:
-                self._write_config(run_config)
+            try:
+                self._run_lock = claim(self.output_dir)
+            except OutputError as err:
+                problem = str(err)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise OutputError(problem)
+        if self.is_main and run_config is not None:
+            self._write_config(run_config)
         self.accelerator.wait_for_everyone()
+
+    def release_output_dir(self) -> None:
+        """Unlock the output folder (at the end of fit): another run may use it now. A trainer that
+        never finishes holds it until it is garbage-collected, or until the next trainer of this
+        process on the same folder takes it over."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -139,6 +165,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, state: TrainerState, window: MetricSums | None = None) -> Path:
+        """Written into ``.partial-step_N``, renamed to ``step_N`` once whole: a kill or a full disk
+        mid-write leaves the complete checkpoints as they were (see `_write_together`)."""
         acc = self.accelerator
         state.log_window = window.global_sums(acc) if window is not None else {}
         from accelerate.utils import gather_object
@@ -148,21 +176,71 @@ class Trainer:
         root = self.output_dir / CHECKPOINTS
         final = root / f"step_{state.step:08d}"
         tmp = root / f".partial-step_{state.step:08d}"
-        if self.is_main:
+
+        def start() -> None:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1), encoding="utf-8")
+            for stale in root.glob(".partial-step_*"):  # this one, or left by a killed run: room for this one
+                shutil.rmtree(stale, ignore_errors=True)
+
+        def finish() -> None:
+            _write_state(tmp / STATE_FILE, state)  # last: a folder without it is never taken for a checkpoint
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # atomic: a crash before this leaves only a .partial folder
             for old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+
+        # each step is also the barrier between the processes (the RNG states are written by each)
+        self._write_together(start if self.is_main else None, [tmp])
+        self._write_together(lambda: acc.save_state(str(tmp)), [tmp])
+        self._write_together(finish if self.is_main else None, [tmp])
         return final
+
+    def _write_together(self, write: Callable[[], None] | None, writing: Sequence[Path],
+                        partial: Sequence[Path] | None = None) -> None:
+        """Run this process's part of a write (None: nothing to write here), then learn whether every
+        process's part succeeded. It is a collective, so it is also the barrier: on a failure every
+        process raises, none is left waiting for one that gave up. ``writing``: the folders or files
+        being written; ``partial``: what a failure leaves half-written (default ``writing``), removed
+        by the main process once all have stopped. A full disk (or quota) becomes a one-line
+        OutputError naming the file and the newest complete checkpoint, which older ones never
+        depend on: checkpoints are renamed into place whole, and old ones removed only after."""
+        acc = self.accelerator
+        failure: Exception | None = None
+        if write is not None:
+            try:
+                write()
+            except Exception as err:  # re-raised below, once the other processes know
+                failure = self._no_space(err, writing) or err
+        report = None if failure is None else (acc.process_index, type(failure).__name__, str(failure))
+        reports = [report] if report is not None else []
+        if acc.num_processes > 1:
+            flag = torch.tensor([0.0 if failure is None else 1.0], device=acc.device)
+            if acc.reduce(flag, reduction="sum").item() > 0:
+                from accelerate.utils import gather_object
+
+                reports = [r for r in gather_object([report]) if r is not None]
+        if not reports:
+            return
+        if self.is_main:
+            for path in writing if partial is None else partial:
+                _remove(path)
+        if failure is not None:
+            raise failure
+        rank, kind, message = reports[0]
+        if kind == OutputError.__name__:  # the same line on every process
+            raise OutputError(message)
+        raise TrainingError(f"process {rank} failed while writing {writing[0]}: {kind}: {first_line(message)}")
+
+    def _no_space(self, err: Exception, writing: Sequence[Path]) -> OutputError | None:
+        """``err`` as the one-line full-disk error, or None when it is something else."""
+        if isinstance(err, OutputError):
+            return err
+        if not is_out_of_space(err, writing[0].parent):
+            return None
+        checkpoints = list_checkpoints(self.output_dir)
+        where = _file_being_written(err, writing, self.accelerator.process_index, self.is_main)
+        return no_space_error(where, checkpoints[-1] if checkpoints else None)
 
     def _load_checkpoint(self, path: Path) -> TrainerState:
         self.accelerator.load_state(str(path))
@@ -396,6 +474,7 @@ class Trainer:
             final_metrics = state.best["metrics"]
         self._export(objective, model, state, final_metrics, best_step)
         acc.end_training()
+        self.release_output_dir()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
                          self._exported(objective, model), best_step, best_name,
                          len(train_data) if hasattr(train_data, "__len__") else None,
@@ -519,10 +598,11 @@ class Trainer:
         state (so a resume knows), its model in output_dir/model (unless it is the last, which is
         exported anyway), its predictions in output_dir/predictions.jsonl. Without a best metric, the
         predictions of the last evaluation are written."""
-        acc = self.accelerator
+        predictions_path = self.output_dir / PREDICTIONS_FILE
         if not best_name:
-            if self.is_main and predictions and is_last:
-                _write_jsonl(self.output_dir / PREDICTIONS_FILE, predictions)
+            write = self.is_main and bool(predictions) and is_last
+            self._write_together((lambda: _write_jsonl(predictions_path, predictions)) if write else None,
+                                 [_partial_file(predictions_path)])
             return
         value = record.get(f"eval/{best_name}")
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -535,16 +615,23 @@ class Trainer:
             return
         state.best = {"step": state.step, "metric": best_name, "value": value,
                       "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
-        if self.is_main:
+        tmp = self.output_dir / f".{MODEL_DIR}.partial"
+
+        def write() -> None:
             if predictions:
-                _write_jsonl(self.output_dir / PREDICTIONS_FILE, predictions)
-            if not is_last:  # written whole, then swapped in: model/ is never half a model
-                tmp = self.output_dir / f".{MODEL_DIR}.partial"
-                shutil.rmtree(tmp, ignore_errors=True)
-                objective.save_pretrained(self._exported(objective, model), tmp)
-                shutil.rmtree(self.output_dir / MODEL_DIR, ignore_errors=True)
-                os.replace(tmp, self.output_dir / MODEL_DIR)
-        acc.wait_for_everyone()
+                _write_jsonl(predictions_path, predictions)
+            if not is_last:  # the last is exported anyway
+                self._swap_in_model(objective, model, tmp)
+
+        self._write_together(write if self.is_main else None, [_partial_file(predictions_path), tmp])
+
+    def _swap_in_model(self, objective: Objective, model: nn.Module, tmp: Path) -> None:
+        """The model written whole beside output_dir/model, then swapped in: model/ is never half a
+        model, and the one it replaces stays until the new one is complete."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        objective.save_pretrained(self._exported(objective, model), tmp)
+        shutil.rmtree(self.output_dir / MODEL_DIR, ignore_errors=True)
+        os.replace(tmp, self.output_dir / MODEL_DIR)
 
     def _exported(self, objective: Objective, model: nn.Module) -> nn.Module:
         unwrapped = self.accelerator.unwrap_model(model)
@@ -556,15 +643,19 @@ class Trainer:
         acc.wait_for_everyone()
         export = Export(self.output_dir / MODEL_DIR, self.output_dir, state, final_metrics, self.run_config,
                         self.output_dir / "metrics.jsonl")
-        if self.is_main:
-            if kept_step is not None and kept_step != state.step:  # model/ was written when it was the best
-                self.print(f"exported the model of step {kept_step}, the best by eval/{state.best['metric']} "
-                           f"({state.best['value']:.4g})")
-            else:
-                objective.save_pretrained(self._exported(objective, model), export.model_dir)
+        kept = kept_step is not None and kept_step != state.step  # model/ was written when it was the best
+        if self.is_main and kept:
+            self.print(f"exported the model of step {kept_step}, the best by eval/{state.best['metric']} "
+                       f"({state.best['value']:.4g})")
+        tmp = self.output_dir / f".{MODEL_DIR}.partial"
+        self._write_together((lambda: self._swap_in_model(objective, model, tmp)) if self.is_main and not kept else None,
+                             [tmp])
+
+        def on_export() -> None:  # the card and its figures, into the final model/
             for callback in self.callbacks:
                 callback.on_export(self, objective, export)
-        acc.wait_for_everyone()
+
+        self._write_together(on_export if self.is_main else None, [export.model_dir], partial=[])
         if self.is_main:  # after the barrier: the other processes need not wait for uploads
             for callback in self.callbacks:
                 callback.on_fit_end(self, objective, export)
@@ -639,11 +730,70 @@ def _ddp_of(model: nn.Module) -> torch.nn.parallel.DistributedDataParallel | Non
     return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
 
 
+def _partial_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Written whole, then renamed into place: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = _partial_file(path)
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_state(path: Path, state: TrainerState) -> None:
+    path.write_text(json.dumps(state.__dict__, indent=1), encoding="utf-8")
+
+
+def _remove(path: Path) -> None:
+    """A half-written folder or file, gone (best effort: the error being reported matters more)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+# The order Accelerate writes a checkpoint's files in (models, optimizers, schedulers, samplers,
+# scaler, RNG states, registered objects), then ours: it breaks ties of modification times, which
+# are as coarse as the kernel's clock tick.
+_WRITE_ORDER = ("model", "pytorch_model", "optimizer", "scheduler", "sampler", "dl_state_dict", "scaler",
+                "random_states", "custom_checkpoint", STATE_FILE)
+
+
+def _write_rank(path: Path) -> int:
+    return next((i for i, prefix in enumerate(_WRITE_ORDER) if path.name.startswith(prefix)), -1)
+
+
+def _file_being_written(err: BaseException, writing: Sequence[Path], rank: int, is_main: bool) -> Path:
+    """The file a failed write was writing: the one the error names, else the newest in ``writing``
+    (a non-main process writes only its own RNG states), else the first of ``writing``."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename:
+            return Path(e.filename)
+        e = e.__cause__ or e.__context__
+    files: list[Path] = []
+    for place in writing:
+        if place.is_dir():
+            files += [p for p in place.rglob("*") if p.is_file()]
+        elif place.is_file():
+            files.append(place)
+    own = [p for p in files if p.name == f"random_states_{rank}.pkl"]
+    if not is_main and own:
+        return own[0]
+    if not files:
+        return writing[0]
+
+    def newest(p: Path) -> tuple[int, int]:
+        try:
+            return p.stat().st_mtime_ns, _write_rank(p)
+        except OSError:
+            return -1, -1
+
+    return max(files, key=newest)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
