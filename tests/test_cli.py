@@ -62,7 +62,7 @@ def test_script_entry_and_sigint_resume(tmp_path: Path) -> None:
 
 def test_two_processes(tmp_path: Path) -> None:
     """MLM under torchrun with 2 CPU processes (gloo): one set of files, metrics once per step."""
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
                 "trainer.max_steps=6", "trainer.log_every=2", "trainer.save_every=3", "trainer.progress_bar=false",
                 "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=8",
                 # one eval batch in all: process 1 gets none and must still join the metric reduction
@@ -100,7 +100,7 @@ def test_two_processes_streaming_resume_is_exact(tmp_path: Path) -> None:
     big.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in paragraphs[:400]))
     small.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in paragraphs[400:403]))
     out = tmp_path / "run"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/clm.py", f"trainer.output_dir={out}",
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "recipes/clm.py", f"trainer.output_dir={out}",
            f"data.files=[{big}, {small}]", "data.streaming=true", "trainer.max_steps=8", "trainer.save_every=4",
            "trainer.keep_last=3", "trainer.progress_bar=false", "trainer.trackers=[]", "data.vocab_size=300",
            "model.hidden_size=32", "data.max_seq_len=32", "trainer.batch_size=4", "trainer.eval_max_batches=2",

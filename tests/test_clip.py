@@ -71,7 +71,7 @@ def test_siglip_starts_from_its_own_temperature_and_bias() -> None:
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_processes_gather_negatives_with_gradients(tmp_path: Path, kind: str) -> None:
     """DDP with half the batch per process: loss and gradients equal one process's over the whole batch."""
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/dist_clip_grads.py", str(tmp_path / "g.pt"), kind],
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/dist_clip_grads.py", str(tmp_path / "g.pt"), kind],
                timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "g.pt")

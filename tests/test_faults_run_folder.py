@@ -109,7 +109,7 @@ def test_refusal_under_torchrun_does_not_hang(tmp_path: Path) -> None:
     holder, _ = hold(tmp_path)
     try:
         start = time.time()
-        proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
+        proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "recipes/mlm.py", f"trainer.output_dir={tmp_path}",
                     "trainer.progress_bar=false", "trainer.trackers=[]"], timeout=180,
                    ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     finally:

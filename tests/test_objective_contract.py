@@ -186,7 +186,7 @@ def test_two_processes_keep_auxiliary_modules_identical(tmp_path: Path) -> None:
     """Under torchrun with 2 processes: teachers built from different seeds start as rank 0's and
     stay equal; compute reads a model attribute through DDP in training and in eval (uneven eval
     shards); the gradient-carrying gather returns every process's rows with gradients to its own."""
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/dist_contract.py", str(tmp_path)],
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/dist_contract.py", str(tmp_path)],
                timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

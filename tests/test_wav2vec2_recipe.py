@@ -132,7 +132,7 @@ def test_two_processes_normalise_the_loss_over_all_masked_frames(tmp_path: Path,
     """DDP gradients with 1 and 3 utterances per process equal one process's over all 4."""
     from tests.dist_wav2vec2_grads import build_objective, grads, loss_of
 
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/dist_wav2vec2_grads.py", str(corpus),
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/dist_wav2vec2_grads.py", str(corpus),
                 str(tmp_path / "grads.pt")], timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "grads.pt")
@@ -149,7 +149,7 @@ def test_two_processes_normalise_the_loss_over_all_masked_frames(tmp_path: Path,
 def test_two_processes_end_to_end(tmp_path: Path, corpus: Path) -> None:
     """The recipe under torchrun: duration batches sharded, units counted over both processes."""
     args = _args(tmp_path, corpus, 4, **{"trainer.eval_every": 4, "trainer.log_every": 2})
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/wav2vec2.py", *args],
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "recipes/wav2vec2.py", *args],
                timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(tmp_path / "metrics.jsonl")

@@ -10,6 +10,11 @@ and computes the same global loss; each process's slice then gets ``world_size``
 gradient (the gather's backward sums every process's copy), which DDP's averaging undoes, leaving
 one process's gradient over the whole batch. (Standardising each process's half on its own, as
 lightly's ``gather_distributed`` does, is a different loss.)
+
+Processes may hold different numbers of rows (bad images dropped), none included: the statistics
+are over the gathered rows whatever their split, and the trainer weighs each process's copy of the
+loss by its rows, which still sums its gradients to one process's over the whole batch. With no row
+anywhere the loss is a zero that keeps the graph (so the backward, and DDP's, still run).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float 
     z1, z2 = z1.float(), z2.float()
     if gather is not None:
         z1, z2 = gather(z1), gather(z2)
+    if z1.shape[0] == 0:  # no row on any process: nothing to correlate
+        zero = (z1.sum() + z2.sum()) * 0.0
+        return zero, {"on_diagonal": zero.detach(), "off_diagonal": zero.detach()}
     c = _standardise(z1).T @ _standardise(z2) / z1.shape[0]   # (D, D) over the global batch
     diagonal = torch.diagonal(c)
     on = (1 - diagonal).pow(2).sum()

@@ -9,7 +9,7 @@ import torch
 
 def patch_targets(patches: torch.Tensor, norm_pix: bool, eps: float = 1e-6) -> torch.Tensor:
     """``(B, L, P)`` pixel patches, each normalised to zero mean and unit variance when ``norm_pix``."""
-    if not norm_pix:
+    if not norm_pix or patches.numel() == 0:  # a batch of no images (all bad) has nothing to normalise
         return patches
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True)  # unbiased, as the paper's code
@@ -19,7 +19,7 @@ def patch_targets(patches: torch.Tensor, norm_pix: bool, eps: float = 1e-6) -> t
 def masked_patch_mse(predictions: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor,
                      norm_pix: bool = True) -> torch.Tensor:
     """``predictions`` and ``patches`` (B, L, P), ``mask`` (B, L) with 1 where a patch was hidden:
-    the mean over hidden patches of each patch's mean squared error."""
+    the mean over hidden patches of each patch's mean squared error (0 for a batch of no images)."""
     per_patch = (predictions.float() - patch_targets(patches.float(), norm_pix)).pow(2).mean(dim=-1)
     mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)

@@ -27,6 +27,7 @@ from multissl.objectives.joint_embedding import (
     JointEmbeddingModel,
     MomentumConfig,
     feature_width,
+    split_rows,
     target_of,
 )
 from multissl.training.objective import TrainContext
@@ -132,11 +133,11 @@ class DINO(JointEmbedding):
         assert self.target is not None
         n = views[0].shape[0]
         global_features, global_out, _ = model(torch.cat(views[:2]))
-        student = list(global_out.split(n))
+        student = split_rows(global_out, n, 2)
         if len(views) > 2:  # the local crops share a size: one forward for all of them
-            student += list(model(torch.cat(views[2:]))[1].split(n))
+            student += split_rows(model(torch.cat(views[2:]))[1], n, len(views) - 2)
         with torch.no_grad():
-            teacher = list(self.target(torch.cat(views[:2]))[1].split(n))
+            teacher = split_rows(self.target(torch.cat(views[:2]))[1], n, 2)
         center = self.center.center
         temperature = self.teacher_temperature()
         loss = dino_loss(student, teacher, center, self.loss_cfg.student_temperature, temperature)
@@ -145,22 +146,25 @@ class DINO(JointEmbedding):
             self.center.center.copy_(torch.where(torch.isfinite(new), new, center))
         with torch.no_grad():  # how peaked the teacher's targets are: its entropy falls as it sharpens
             probs = torch.softmax((teacher[0] - center) / temperature, dim=-1)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum() / max(n, 1)
         return {"loss": loss, "teacher_entropy": entropy}, global_features[:n]
 
     def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        super().before_optimizer_step(model, step)
         if step < self.freeze_steps:
             for p in getattr(model, "module", model).projector.last_layer.parameters():
                 p.grad = None
 
     def on_step_end(self, step: int) -> dict[str, float]:
+        super().on_step_end(step)
         self.step = step
         return {"teacher_temperature": self.teacher_temperature()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {**super().state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.step = int(state.get("step", 0))
 
     def export(self, model: nn.Module) -> nn.Module:

@@ -36,14 +36,16 @@ import torch
 from torch import nn
 
 from multissl.data.image_data import ImageDataConfig, ImageDataset, prepare_images
-from multissl.data.images import decode_and_transform
+from multissl.data.images import DistinctSkips, blank_output, decode_and_transform, skipped_ids
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
+from multissl.metrics import Mean
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.run_folder import looks_local
-from multissl.training.objective import ModelCardInfo, Objective
+from multissl.training.distributed import StepRows, kept_buffers, own_ids, per_process_ids
+from multissl.training.objective import ModelCardInfo, Objective, TrainContext
 
 CARD_METRICS = ("accuracy", "macro_f1")
 NEW_MODEL_SIZE = 32
@@ -398,9 +400,10 @@ def train_transform(cfg: ClassifierAugmentConfig, size: int | tuple[int, int], m
 # ------------------------------------------------------------------------------- objective
 @dataclass
 class LabelledImageCollator:
-    """``(samples, generator) -> {"pixel_values", "labels", "path", "skipped"}``: images decoded and
-    transformed in the worker under RNGs seeded from the batch generator (the same batch in any worker
-    and after a resume); a bad image is counted and skipped, its label and path with it."""
+    """``(samples, generator) -> {"pixel_values", "labels", "path", "skipped", "skipped_ids"}``: images
+    decoded and transformed in the worker under RNGs seeded from the batch generator (the same batch in
+    any worker and after a resume); a bad image is counted and skipped, its label and path with it
+    (``skipped_ids`` naming it for `DistinctSkips`). A batch whose images are all bad has no rows."""
 
     transform: Any
     on_bad_image: str = "skip"
@@ -408,15 +411,23 @@ class LabelledImageCollator:
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         kept, (pixels,), skipped = decode_and_transform(samples, [self.transform], generator, self.on_bad_image,
-                                                        self.max_image_pixels)
+                                                        self.max_image_pixels, allow_empty=True)
         labels = [int(sample["label"]) for sample in kept]
         paths = [str(sample["path"]) for sample in kept]
-        return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long),
-                "path": paths, "skipped": skipped}
+        kept_ids = {id(sample) for sample in kept}
+        bad = [str(sample["path"]) for sample in samples if id(sample) not in kept_ids]
+        stacked = torch.stack(pixels) if pixels else blank_output(self.transform)[None][:0]
+        return {"pixel_values": stacked, "labels": torch.tensor(labels, dtype=torch.long),
+                "path": paths, "skipped": skipped, "skipped_ids": skipped_ids(bad)}
 
 
 class ImageClassification(Objective):
-    """Cross-entropy over image labels; accuracy and macro-F1; one prediction row per eval image."""
+    """Cross-entropy over image labels; accuracy and macro-F1; one prediction row per eval image.
+
+    Bad images are counted skips (each file once, across a resume) and are in no metric nor
+    prediction; a step whose batches had no usable image on any process is not taken (its gradients
+    are dropped: AdamW's moments, step count and weight decay stay). An evaluation in which no
+    held-out image could be used is an error: there is nothing to choose the exported model by."""
 
     name = "image-classification"
     best_metric = "accuracy"
@@ -437,6 +448,10 @@ class ImageClassification(Objective):
         self.train_tf = train_transform(augment, *self.model.input_spec())
         self.eval_tf = self.model.eval_transform()
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
+        self.skips = DistinctSkips()
+        """Bad training images counted so far, each file once however often it is drawn."""
+        self.step_rows = StepRows()
+        self.device = torch.device("cpu")
 
     def collator(self) -> LabelledImageCollator:
         return LabelledImageCollator(self.train_tf, self.on_bad_image, self.max_image_pixels)
@@ -445,12 +460,52 @@ class ImageClassification(Objective):
         return LabelledImageCollator(self.eval_tf, self.on_bad_image, self.max_image_pixels)
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": int(batch["skipped"])}
+        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bad files counted so far, by each process (a collective under several processes)."""
+        return {"skipped_images": per_process_ids(self.skips.ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.ids = own_ids(state.get("skipped_images", {}))
+
+    def setup(self, context: TrainContext) -> None:
+        self.device = context.device
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        return labelled_step(model(batch["pixel_values"]), batch, self.labels, model.training)
+        pixels = batch["pixel_values"]
+        if model.training:
+            self.step_rows.add(pixels.shape[0])
+        if pixels.shape[0] > 0:
+            return labelled_step(model(pixels), batch, self.labels, model.training)
+        # every image of the batch was bad: two blank stand-ins go through the model (a ViT cannot
+        # forward zero rows; under DDP every process must run the forward and backward), their
+        # outputs cut to none and the model's buffers put back; every metric counts nothing
+        with kept_buffers(model):
+            logits = model(pixels.new_zeros((2, *pixels.shape[1:])))[:0]
+        zero = logits.float().sum()
+        out: dict[str, Any] = {"loss": Mean(zero, 0), "accuracy": Mean(zero.detach(), 0)}
+        if not model.training:  # the pooled counts behind macro-F1, and no prediction row
+            out.update({f"_{kind}{c}": Mean(zero.detach(), 0) for c in range(self.labels.num_labels)
+                        for kind in ("tp", "fp", "fn")})
+            out["predictions"] = []
+        return out
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.step_rows.none_anywhere(self.device):
+            StepRows.drop_gradients(model)
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        self.step_rows.reset()
+        return {}
 
     def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Macro-F1 from the pooled counts; an evaluation that scored no image is a `DataError`."""
+        if "accuracy" in metrics and not metrics["accuracy"] == metrics["accuracy"]:  # NaN: a count of 0
+            raise DataError("no held-out image of this evaluation could be used (each one read was bad; the "
+                            "warnings above name them): fix or remove them, or evaluate on other images "
+                            "(data.eval_split, data.validation_fraction, trainer.eval_max_batches)")
         return summarize_classification(metrics, self.labels.num_labels)
 
     def export(self, model: nn.Module) -> nn.Module:

@@ -2,7 +2,9 @@
 VICReg, DINO), so each method's module holds only its heads, its loss and its teacher.
 
 * the model: a timm backbone (what is exported) + a projector (+ a predictor), `JointEmbeddingModel`;
-* the data: augmented views built in DataLoader workers (`multissl.data.views`), bad images counted;
+* the data: augmented views built in DataLoader workers (`multissl.data.views`); a bad image is a
+  counted skip (each file once, across a resume), and a batch whose images are all bad is a batch of
+  no rows, which trains nothing and, under several processes, still joins every collective;
 * the exported model, its features for probes, the model card (timm's Hub format);
 * collapse diagnostics on every batch: the per-dimension std of the L2-normalised backbone features
   (x sqrt(dim): ~1 for spread-out features, 0 when every image maps to one point; SimSiam's
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multissl.data.images import DistinctSkips
 from multissl.data.views import AugmentConfig, ViewsCollator, view_transform
 from multissl.errors import ConfigError
 from multissl.metrics import Mean
@@ -32,7 +35,14 @@ from multissl.models.backbones import (
     set_preprocessing,
 )
 from multissl.models.ema import cosine_momentum, ema_update, momentum_copy
-from multissl.training.distributed import average_buffers
+from multissl.training.distributed import (
+    StepRows,
+    average_buffers,
+    kept_buffers,
+    own_ids,
+    per_process_ids,
+    rows_before,
+)
 from multissl.training.objective import ModelCardInfo, Objective, StepOutput, TrainContext
 
 
@@ -62,14 +72,31 @@ class MomentumConfig:
             raise ConfigError(f"momentum must satisfy 0 <= base <= final <= 1, got {self.base}, {self.final}")
 
 
+STAND_IN_ROWS = 2
+"""Blank images a batch of no rows is forwarded as (two: a batch norm over one row fails in training)."""
+
+
 class JointEmbeddingModel(nn.Module):
-    """``forward(images) -> (features, projections, predictions or None)``; only ``backbone`` is exported."""
+    """``forward(images) -> (features, projections, predictions or None)``; only ``backbone`` is exported.
+
+    A batch of no images (all bad) gives outputs of no rows that still depend on every parameter:
+    it is forwarded as `STAND_IN_ROWS` blank images whose outputs are cut to none and whose batch-norm
+    statistics are put back. So the losses see an empty batch (and score it as nothing), while a
+    process that has no images still runs DDP's forward and backward with the others (many backbones,
+    ViTs among them, cannot forward zero rows at all)."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if images.shape[0] == 0:
+            with kept_buffers(self):
+                features, projections, predictions = self._forward(images.new_zeros((STAND_IN_ROWS, *images.shape[1:])))
+            return features[:0], projections[:0], predictions[:0] if predictions is not None else None
+        return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         features = self.backbone(images)
         projections = self.projector(features)
         return features, projections, self.predictor(projections) if self.predictor is not None else None
@@ -106,12 +133,19 @@ def collapse_metrics(features: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class JointEmbedding(Objective):
-    """Base of the joint-embedding methods. Batches are ``{"views": [v1, v2, ...], "labels", "skipped"}``.
+    """Base of the joint-embedding methods. Batches are ``{"views": [v1, v2, ...], "labels", "skipped",
+    "skipped_ids"}`` (`multissl.data.views.ViewsCollator`), of no rows when every image was bad.
 
     Subclasses build their model in ``build_model(backbone)`` and compute their loss in
     ``loss(model, views)``, returning ``(outputs, features)``: the loss and metrics (tensors are
-    batch means) and the backbone features of the first view for the collapse diagnostics. Methods
-    with an EMA target set ``self.target`` and ``self.momentum`` and get its update for free."""
+    batch means, finite for a batch of no rows) and the backbone features of the first view for the
+    collapse diagnostics. Methods with an EMA target set ``self.target`` and ``self.momentum`` and
+    get its update for free. Losses that gather over processes pass ``training_offset`` where rows
+    of this process start: processes hold different numbers of rows once bad images are dropped.
+
+    A step with no rows on any process (every image of it bad) is not taken: the gradients are
+    dropped before the optimizer runs, so neither the weights nor AdamW's moments, step count or
+    weight decay move, and the EMA target stays; the trainer still counts the step (schedules go on)."""
 
     modality = "image"
     card_metrics: tuple[str, ...] = ("loss",)
@@ -125,10 +159,14 @@ class JointEmbedding(Objective):
         set_preprocessing(net, augment.size, augment.mean, augment.std)
         self.eval_tf = eval_transform_of(net)  # probes see what users of the saved folder will
         self.model = self.build_model(net)
-        self._collator = ViewsCollator(self.view_transforms(), on_bad_image, max_image_pixels)
+        self._collator = ViewsCollator(self.view_transforms(), on_bad_image, max_image_pixels, allow_empty=True)
+        self.skips = DistinctSkips()
+        """Bad training images counted so far, each file once however often it is drawn."""
+        self.step_rows = StepRows()
         self.target: JointEmbeddingModel | None = None
         self.momentum: MomentumConfig | None = None
         self.rank, self.world_size, self.total_steps = 0, 1, 1
+        self.device = torch.device("cpu")
         self.gather: Any = None
         self._low_std_logs = 0
 
@@ -148,22 +186,40 @@ class JointEmbedding(Objective):
         return self._collator
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": int(batch.get("skipped", 0))}
+        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bad files counted so far, by each process (a collective under several processes)."""
+        return {"skipped_images": per_process_ids(self.skips.ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.ids = own_ids(state.get("skipped_images", {}))
 
     def setup(self, context: TrainContext) -> None:
         self.rank, self.world_size, self.gather = context.rank, context.world_size, context.gather
         self.total_steps = context.total_steps
+        self.device = context.device
 
     def training_gather(self, model: nn.Module) -> Any:
         """Gather over processes while training (every process steps together); eval batches can be
         uneven across processes, so each is scored on its own."""
         return self.gather if model.training else None
 
+    def training_offset(self, model: nn.Module, rows: int) -> int:
+        """Where this process's ``rows`` start in `training_gather`'s result (0 when it does not
+        gather). A collective while training under several processes: call it on every process."""
+        if not model.training or self.gather is None or self.world_size == 1:
+            return 0
+        return rows_before(rows, self.device)
+
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         if self.target is not None:
             self.target.train(model.training)  # batch statistics while training, running ones in eval
         outputs, features = self.loss(model, batch["views"])
         n = int(batch["labels"].shape[0])
+        if model.training:
+            self.step_rows.add(n)
         out: StepOutput = {k: v if isinstance(v, Mean) else Mean(v * n, n) for k, v in outputs.items()}
         out.update({k: Mean(v * n, n) for k, v in collapse_metrics(features).items()})
         return out
@@ -175,15 +231,25 @@ class JointEmbedding(Objective):
         assert self.momentum is not None
         return cosine_momentum(step, self.total_steps, self.momentum.base, self.momentum.final)
 
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.step_rows.none_anywhere(self.device):
+            StepRows.drop_gradients(model)
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> dict[str, float]:
         if self.target is None:
             return {}
         online = getattr(model, "module", model)  # under DDP, the wrapped model
         m = self.current_momentum(step)
+        if self.step_rows.empty:  # the online network did not move: neither does its target
+            return {"momentum": m}
         ema_update(self.target.backbone, online.backbone, m)
         ema_update(self.target.projector, online.projector, m)
         average_buffers(self.target)  # its batch-norm statistics saw only this process's batches
         return {"momentum": m}
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        self.step_rows.reset()
+        return {}
 
     def on_log(self, metrics: dict[str, float], step: int, warmup_steps: int) -> str | None:
         std = metrics.get("embedding_std")
@@ -222,13 +288,19 @@ class JointEmbedding(Objective):
                    "features = model(transform(pil_image.convert(\"RGB\")).unsqueeze(0))  # (1, num_features)"))
 
 
+def split_rows(x: torch.Tensor, rows: int, parts: int) -> list[torch.Tensor]:
+    """``x`` cut into ``parts`` blocks of ``rows`` rows (the views of one forward); unlike
+    ``Tensor.split``, also ``parts`` empty blocks when ``rows`` is 0 (a batch of bad images)."""
+    return [x[i * rows : (i + 1) * rows] for i in range(parts)]
+
+
 def two_views(model: nn.Module, views: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[Any]]:
     """Both views through ``model`` in one forward (batch-norm statistics over both, as the papers'
     code does): ``(features of view 1, [proj1, proj2], [pred1, pred2] or [None, None])``."""
     v1, v2 = views[0], views[1]
     features, proj, pred = model(torch.cat([v1, v2]))
     n = v1.shape[0]
-    return features[:n], list(proj.split(n)), list(pred.split(n)) if pred is not None else [None, None]
+    return features[:n], split_rows(proj, n, 2), split_rows(pred, n, 2) if pred is not None else [None, None]
 
 
 @torch.no_grad()
@@ -236,7 +308,7 @@ def target_projections(target: JointEmbeddingModel, views: list[torch.Tensor]) -
     """The EMA target's projections of each view (no gradients)."""
     n = views[0].shape[0]
     _, proj, _ = target(torch.cat(views))
-    return list(proj.split(n))
+    return split_rows(proj, n, len(views))
 
 
 @dataclass

@@ -4,6 +4,8 @@ pixels (each patch normalised by its own mean and variance); the loss is on hidd
 
 * The mask noise is drawn in the collator from the batch's seeded generator and handed to the
   model (``noise=``), so resume and the DataLoader worker count never change which patches hide.
+* Bad images are counted skips (each file once, across a resume); a batch whose images are all bad
+  trains nothing (its step is not taken) and, under several processes, still joins DDP's collectives.
 * Eval: the same loss on held-out images (with seeded masks), the online kNN / linear probe of the
   image family on the encoder's features, and, at export, ``reconstructions.png`` beside the model
   card: held-out images, their masked input and the reconstruction.
@@ -23,12 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from multissl.data.images import decode_and_transform
+from multissl.data.images import DistinctSkips, blank_output, decode_and_transform, skipped_ids
 from multissl.data.views import AugmentConfig, view_transform
 from multissl.errors import ConfigError
 from multissl.losses.masked_pixels import masked_patch_mse
+from multissl.metrics import Mean
 from multissl.models.vit import save_vit, vit_from_mae, vit_image_processor
-from multissl.training.objective import ModelCardInfo, Objective, ParamGroup, StepOutput
+from multissl.training.distributed import StepRows, kept_buffers, own_ids, per_process_ids
+from multissl.training.objective import ModelCardInfo, Objective, ParamGroup, StepOutput, TrainContext
 
 PREVIEW_FILE = "reconstructions.png"
 PREVIEW_IMAGES = 8
@@ -99,9 +103,11 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
 
 @dataclass
 class MaskedImageCollator:
-    """``(samples, generator) -> {"pixel_values", "noise", "labels", "skipped"}``: images decoded and
-    augmented in the worker under RNGs seeded from the batch generator, and the per-patch mask
-    noise drawn from the same generator (the lowest ``1 - mask_ratio`` of each row stay visible)."""
+    """``(samples, generator) -> {"pixel_values", "noise", "labels", "skipped", "skipped_ids"}``: images
+    decoded and augmented in the worker under RNGs seeded from the batch generator, and the per-patch
+    mask noise drawn from the same generator (the lowest ``1 - mask_ratio`` of each row stay visible).
+    Bad images are left out and counted (``skipped_ids`` naming them for `DistinctSkips`); a batch
+    whose images are all bad has no rows."""
 
     transform: Any
     num_patches: int
@@ -110,13 +116,20 @@ class MaskedImageCollator:
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         kept, (pixels,), skipped = decode_and_transform(samples, [self.transform], generator, self.on_bad_image,
-                                                        self.max_image_pixels)
+                                                        self.max_image_pixels, allow_empty=True)
         noise = torch.rand((len(kept), self.num_patches), generator=generator)
         labels = torch.tensor([int(sample.get("label", -1)) for sample in kept], dtype=torch.long)
-        return {"pixel_values": torch.stack(pixels), "noise": noise, "labels": labels, "skipped": skipped}
+        kept_ids = {id(sample) for sample in kept}
+        bad = [str(sample["path"]) for sample in samples if id(sample) not in kept_ids]
+        stacked = torch.stack(pixels) if pixels else blank_output(self.transform)[None][:0]
+        return {"pixel_values": stacked, "noise": noise, "labels": labels, "skipped": skipped,
+                "skipped_ids": skipped_ids(bad)}
 
 
 class MAE(Objective):
+    """Masked-patch reconstruction. A step whose batches had no usable image on any process is not
+    taken (its gradients are dropped: AdamW's moments, step count and weight decay stay as they were)."""
+
     name = "mae"
     modality = "image"
 
@@ -130,6 +143,10 @@ class MAE(Objective):
         self._eval = MaskedImageCollator(eval_transform(augment.size, augment.mean, augment.std), patches,
                                          on_bad_image, max_image_pixels)
         self.preview_rows: list[dict[str, Any]] = []
+        self.skips = DistinctSkips()
+        """Bad training images counted so far, each file once however often it is drawn."""
+        self.step_rows = StepRows()
+        self.device = torch.device("cpu")
 
     def show_held_out(self, held_out: Any) -> None:
         """Keep the first held-out images for the reconstruction picture drawn at export."""
@@ -152,13 +169,45 @@ class MAE(Objective):
         return self._eval
 
     def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": int(batch.get("skipped", 0))}
+        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bad files counted so far, by each process (a collective under several processes)."""
+        return {"skipped_images": per_process_ids(self.skips.ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skips.ids = own_ids(state.get("skipped_images", {}))
+
+    def setup(self, context: TrainContext) -> None:
+        self.device = context.device
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        pixels = batch["pixel_values"]
-        out = model(pixel_values=pixels, noise=batch["noise"])
-        loss = masked_patch_mse(out.logits, model.patchify(pixels), out.mask, self.loss_cfg.norm_pix)
-        return {"loss": loss}
+        """The loss over hidden patches. A batch of no images (all bad) scores nothing: a ViT cannot
+        forward zero rows, so one blank stand-in image is forwarded (its output cut to none, the
+        model's buffers put back) and the loss, 0 over no patches, still depends on every parameter,
+        as DDP needs of every process."""
+        pixels, noise = batch["pixel_values"], batch["noise"]
+        rows = pixels.shape[0]
+        if model.training:
+            self.step_rows.add(rows)
+        if rows == 0:
+            with kept_buffers(model):
+                out = model(pixel_values=pixels.new_zeros((1, *pixels.shape[1:])), noise=noise.new_zeros((1, noise.shape[1])))
+            logits, mask = out.logits[:0], out.mask[:0]
+        else:
+            out = model(pixel_values=pixels, noise=noise)
+            logits, mask = out.logits, out.mask
+        loss = masked_patch_mse(logits, model.patchify(pixels), mask, self.loss_cfg.norm_pix)
+        return {"loss": Mean(loss * rows, rows)}
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.step_rows.none_anywhere(self.device):
+            StepRows.drop_gradients(model)
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        self.step_rows.reset()
+        return {}
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         """The class and mask tokens are not decayed (as in the paper's code), like biases and norms."""
@@ -179,11 +228,11 @@ class MAE(Objective):
 
     def save_pretrained(self, model: nn.Module, output_dir: Path) -> None:
         save_vit(vit_from_mae(model), self.processor, output_dir)
-        if self.preview_rows:
+        grid = reconstruction_rows(model, self._eval, self.preview_rows, self.augment) if self.preview_rows else []
+        if grid and grid[0]:  # not when every preview image was bad
             from multissl.plots import image_grid
 
-            image_grid(reconstruction_rows(model, self._eval, self.preview_rows, self.augment),
-                       output_dir / PREVIEW_FILE)
+            image_grid(grid, output_dir / PREVIEW_FILE)
 
     def model_card(self) -> ModelCardInfo:
         c = self.model.config
@@ -208,12 +257,15 @@ def reconstruction_rows(model: nn.Module, collate: MaskedImageCollator, samples:
                         augment: AugmentConfig) -> list[list[torch.Tensor]]:
     """Three rows, ``[originals, masked inputs, reconstructions]``, of (3, H, W) tensors in [0, 1]; the
     reconstruction keeps visible patches and, where patches were hidden, the predicted pixels
-    (un-normalised with each true patch's own mean and variance when the targets were normalised)."""
+    (un-normalised with each true patch's own mean and variance when the targets were normalised);
+    bad images are left out (none usable: three empty rows)."""
+    batch = collate(samples, torch.Generator().manual_seed(0))
+    if len(batch["pixel_values"]) == 0:
+        return [[], [], []]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        batch = collate(samples, torch.Generator().manual_seed(0))
         pixels = batch["pixel_values"].to(device)
         out = model(pixel_values=pixels, noise=batch["noise"].to(device))
         patches = model.patchify(pixels)

@@ -31,9 +31,11 @@ from multissl.objectives.joint_embedding import (
     JointEmbeddingModel,
     MomentumConfig,
     feature_width,
+    split_rows,
     target_of,
     two_views,
 )
+from multissl.training.distributed import rows_before
 
 
 @dataclass
@@ -115,21 +117,24 @@ class MoCo(JointEmbedding):
         if not (shuffle and self.world_size > 1 and self.gather is not None):
             return self.target(images)[1]
         # shuffling BN: the key encoder sees a random share of the global batch, by a permutation
-        # every process draws alike (seeded by a count of shuffles, kept across a resume)
+        # every process draws alike (seeded by a count of shuffles, kept across a resume); each
+        # process encodes as many images as it holds (processes may hold different numbers)
         rows = len(images)
+        start = rows_before(rows, images.device)
         everything = self.gather(images)
         self.shuffles += 1
         perm = torch.randperm(len(everything), generator=torch.Generator().manual_seed(self.shuffles))
-        mine = perm.view(self.world_size, rows)[self.rank].to(images.device)
+        mine = perm[start : start + rows].to(images.device)
         keys = self.gather(self.target(everything[mine])[1])  # row j is the key of image perm[j]
         unshuffled = torch.empty_like(keys)
         unshuffled[perm.to(keys.device)] = keys
-        return unshuffled.view(self.world_size, rows, -1)[self.rank]
+        return unshuffled[start : start + rows]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shuffles": self.shuffles}
+        return {**super().state_dict(), "shuffles": self.shuffles}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.shuffles = int(state.get("shuffles", 0))
 
     def loss(self, model: nn.Module, views: list[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -152,9 +157,9 @@ class MoCo(JointEmbedding):
                 gather = self.gather or (lambda x: x)
                 self.queue.push(gather(keys))
         else:
-            k1, k2 = self._keys(torch.cat(views[:2]), shuffle=False).split(n)
-            gather, rank = self.training_gather(model), self.rank if model.training else 0
-            results = [info_nce(p1, k2, t, gather=gather, rank=rank), info_nce(p2, k1, t, gather=gather, rank=rank)]
+            k1, k2 = split_rows(self._keys(torch.cat(views[:2]), shuffle=False), n, 2)
+            gather, offset = self.training_gather(model), self.training_offset(model, n)
+            results = [info_nce(p1, k2, t, gather=gather, offset=offset), info_nce(p2, k1, t, gather=gather, offset=offset)]
             loss = 2 * t * (results[0][0] + results[1][0])
         correct = sum(r[1] for r in results)
         return {"loss": loss, "contrastive_accuracy": Mean(correct.float(), n * len(results))}, features

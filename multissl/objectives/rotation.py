@@ -67,10 +67,10 @@ def rotate_four_ways(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def rotation_loss(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(cross-entropy over all 4B rotated images, number predicted right, backbone features of the
     unrotated images (B, D))``. All four rotations go through ``model`` in one forward, so batch
-    norms see them together (as the paper's code feeds them)."""
+    norms see them together (as the paper's code feeds them). A batch of no images scores 0."""
     rotated, labels = rotate_four_ways(images)
     features, logits, _ = model(rotated)
-    loss = nn.functional.cross_entropy(logits.float(), labels)
+    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum") / max(len(labels), 1)
     correct = (logits.detach().argmax(1) == labels).sum()
     return loss, correct, features[: images.shape[0]]
 

@@ -55,5 +55,5 @@ class SimCLR(JointEmbedding):
     def loss(self, model: nn.Module, views: list[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         features, (z1, z2), _ = two_views(model, views)
         loss, correct = nt_xent(z1, z2, self.loss_cfg.temperature, self.training_gather(model),
-                                self.rank if model.training else 0)
+                                offset=self.training_offset(model, z1.shape[0]))
         return {"loss": loss, "contrastive_accuracy": Mean(correct.float(), 2 * z1.shape[0])}, features
