@@ -27,7 +27,7 @@ from multissl.data.images import DistinctSkips
 from multissl.errors import ConfigError, first_line
 from multissl.logs import quiet_root_logger
 from multissl.metrics import Mean
-from multissl.training.distributed import gather_with_grad
+from multissl.training.distributed import gather_with_grad, own_ids, per_process_ids
 from multissl.training.objective import ModelCardInfo, Objective
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -227,10 +227,11 @@ class ClipPretraining(Objective):
         return {"samples": samples, "skipped_images": self.skips.new(batch)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_images": self.skips.state_dict()}
+        """The bad files counted so far, by each process (a collective under several processes)."""
+        return {"skipped_images": per_process_ids(self.skips.ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips.load_state_dict(state.get("skipped_images", {}))
+        self.skips.ids = own_ids(state.get("skipped_images", {}))
 
     def _loss_fn(self, distributed: bool) -> MaskedContrastiveLoss:
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
