@@ -10,6 +10,7 @@ process's over the whole batch. Kept out of pytest's collection (no ``test_`` pr
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 
@@ -79,6 +80,8 @@ def main(argv: list[str]) -> None:
         model, x1, x2 = build()
         ddp = nn.parallel.DistributedDataParallel(model)
         result[kind] = step(ddp, x1[part], x2[part], kind, gather_with_grad, rank)
+    del ddp, model  # DDP's reducer gone while the process group lives: a reducer outliving it can abort the exit
+    gc.collect()
     center, teacher = teacher_outputs()
     new = update_center(center, [t[part] for t in teacher], momentum=0.9, gather=gather_with_grad)
     centers = [torch.empty_like(new) for _ in range(dist.get_world_size())]
