@@ -15,6 +15,7 @@ Kept out of pytest's collection (no ``test_`` prefix).
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -131,10 +132,12 @@ def main(argv: list[str]) -> None:
 
         state = PartialState(cpu=True)  # the process group (gloo) the recipe's trainer takes over
         check_losses(out, state.process_index)
+        gc.collect()  # the checks' DDP reducers gone while the process group lives
         torch.distributed.barrier()
+    from multissl.cli import run_recipe
     from multissl_recipes import simclr
 
-    simclr.main(recipe_args)
+    run_recipe(simclr.main, recipe_args)  # as `python recipes/simclr.py` runs: the group closed at the end
 
 
 if __name__ == "__main__":
