@@ -59,19 +59,22 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
         print(f"multissl: error: {err}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
-    _leave_process_group()
+    _leave_process_group(collect=True)
     return 0
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(collect: bool = False) -> None:
     """Under torchrun, close the process group before exiting, after a run or an error every process
     agreed on (an interrupt, an output folder in use): left to interpreter shutdown, a DDP reducer or
     gloo thread that outlives the group can abort the process ("terminate called without an active
-    exception", exit -6) instead of exiting with our status. Unreachable models (DDP holds reference
-    cycles) are collected first, so no reducer outlives the group."""
+    exception", exit -6) instead of exiting with our status. After a finished run (``collect``),
+    unreachable models (DDP holds reference cycles) are collected first, so no reducer outlives the
+    group; an error exit skips that pause, since torchrun stops a process that exits later than its
+    peers with SIGTERM, not with the status they agreed on."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        gc.collect()
+        if collect:
+            gc.collect()
         with contextlib.suppress(Exception):  # the process is exiting anyway: its status is what matters
             dist.destroy_process_group()
 

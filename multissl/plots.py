@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,22 @@ def loss_curve(metrics_path: Path, out: Path) -> Path | None:
     return _finish(fig, ax, out)
 
 
-def lift_plot(points: dict[str, list[tuple[float, float, float]]], metric: str, title: str, out: Path) -> Path:
-    """One curve per starting point (pretrained, from scratch): ``metric`` against the labelled
-    fraction (log scale), as ``(fraction, mean, spread)`` points; the spread is drawn as error bars."""
+def lift_plot(points: dict[str, list[tuple[float, float, float]]], metric: str, title: str, out: Path,
+              dashed: Sequence[str] = ()) -> Path:
+    """One curve per starting point (pretrained, from scratch) and, dashed, per series named in
+    ``dashed`` (a classical baseline: no fine-tuning): ``metric`` against the labelled fraction (log
+    scale), as ``(fraction, mean, spread)`` points; a spread (std over seeds) is drawn as error bars,
+    none with one seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for (label, series), style in zip(points.items(), ("o-", "s--")):
+    markers = iter("os^Dv")
+    for label, series in points.items():
         xs, ys, errs = zip(*sorted(series))
+        style = next(markers, "o") + ("--" if label in dashed else "-")
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt=style, label=label, capsize=3, markersize=5)
     ax.set_xscale("log")
     xs_all = sorted({x for series in points.values() for x, _, _ in series})

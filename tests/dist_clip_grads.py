@@ -56,4 +56,7 @@ def main(argv: list[str]) -> Any:
 
 
 if __name__ == "__main__":
+    from tests.dist_exit import exit_cleanly
+
     main(sys.argv[1:])
+    exit_cleanly()  # see tests/dist_exit.py: an abort at interpreter shutdown is not what this script tests

@@ -134,11 +134,15 @@ def main(argv: list[str]) -> None:
         check_losses(out, state.process_index)
         gc.collect()  # the checks' DDP reducers gone while the process group lives
         torch.distributed.barrier()
-    from multissl.cli import run_recipe
     from multissl_recipes import simclr
+
+    from multissl.cli import run_recipe
 
     run_recipe(simclr.main, recipe_args)  # as `python recipes/simclr.py` runs: the group closed at the end
 
 
 if __name__ == "__main__":
+    from tests.dist_exit import exit_cleanly
+
     main(sys.argv[1:])
+    exit_cleanly()  # see tests/dist_exit.py: an abort at interpreter shutdown is not what this script tests

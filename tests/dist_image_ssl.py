@@ -46,4 +46,7 @@ def main(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
+    from tests.dist_exit import exit_cleanly
+
     main(Path(sys.argv[1]), sys.argv[2])
+    exit_cleanly()  # see tests/dist_exit.py: an abort at interpreter shutdown is not what this script tests

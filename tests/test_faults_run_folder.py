@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,7 +119,10 @@ def test_refusal_under_torchrun_does_not_hang(tmp_path: Path) -> None:
     refusals = [line for line in proc.stderr.splitlines() if line.startswith("multissl: error: ")]
     assert len(refusals) == 2 and all(in_use_prefix(tmp_path, holder.pid) in line for line in refusals), proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
-    assert proc.stderr.count("exitcode  : 2") == 2, "both processes exit with the bad-input status"
+    # Both processes raise the refusal and exit 2; the first to exit is torchrun's root cause, and torchrun
+    # may SIGTERM the other while it is still on its way out (-15). No process may abort (-6) or crash.
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert codes and codes[-1] == "2" and set(codes) <= {"2", "-15"}, codes
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
 
 

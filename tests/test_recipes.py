@@ -36,7 +36,7 @@ def test_mlm_learns_and_output_loads(tmp_path: Path) -> None:
     # from ln(vocab) = 6.9 at random init; 0.9 nats is far outside step-to-step noise (~0.05)
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.9, losses
     assert result.final_metrics["masked_accuracy"] > 0.02  # chance is 1/1000
-    assert result.final_metrics["masked_fraction"] == pytest.approx(0.15, abs=0.02)
+    assert result.final_metrics["masked_fraction"] == pytest.approx(0.4, abs=0.03)  # the tiny preset masks 40%
     model_dir = tmp_path / "model"
     _same_logits(model_dir, result.model, "AutoModelForMaskedLM")
     card = (model_dir / "README.md").read_text()

@@ -213,28 +213,80 @@ def _clean(ds: Any, column: str, source: str, cfg: TextDataConfig, report: TextR
 
 
 # ----------------------------------------------------------------------------- tokenizer
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _wordpiece_backend(lowercase: bool) -> Any:
+    """An untrained BERT-style WordPiece `tokenizers.Tokenizer` (normalizer, pre-tokenizer, decoder)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def _wordpiece_initial_tokens(texts: list[str], lowercase: bool) -> list[str]:
+    """The corpus's single characters, then its ``##`` continuation characters, each sorted by code point.
+
+    A training with no merges (vocab size 1) makes exactly the tokens the real training starts from;
+    only their ids are in hash-map order, so the sorted set is the same in every process. It needs
+    the words, not their counts, so it reads each distinct space-separated piece once (a space
+    always ends a word, whatever the normalizer does around it): a third of a full pass or less.
+    """
+    from tokenizers import trainers
+
+    pieces: set[str] = set()
+    for text in texts:
+        pieces.update(text.split(" "))
+    distinct = list(pieces)
+    chunks = [" ".join(distinct[i : i + 1000]) for i in range(0, len(distinct), 1000)]
+    tok = _wordpiece_backend(lowercase)
+    tok.train_from_iterator(chunks, trainers.WordPieceTrainer(
+        vocab_size=1, special_tokens=WORDPIECE_SPECIALS, show_progress=False))
+    initial = set(tok.get_vocab()) - set(WORDPIECE_SPECIALS)
+    return sorted(t for t in initial if not t.startswith("##")) + sorted(t for t in initial if t.startswith("##"))
+
+
+def _train_wordpiece(texts: Any, vocab_size: int, lowercase: bool) -> Any:
+    """A trained WordPiece `tokenizers.Tokenizer`, the same for the same corpus in every process.
+
+    `tokenizers`' trainer gives the ``##x`` tokens ids in hash-map order (a new random hasher per
+    map, whatever PYTHONHASHSEED or the thread count), and merges of equal count are chosen by
+    those ids (huggingface/tokenizers#1794), so two trainings differ in ids and in ~2% of tokens.
+    Listing the initial tokens, sorted, as specials after ours fixes their ids before any merge;
+    they are then dropped from the added tokens again, staying in the vocab as ordinary pieces.
+    """
+    import json
+
+    from tokenizers import Tokenizer, trainers
+
+    texts = texts if isinstance(texts, list) else list(texts)
+    pinned = WORDPIECE_SPECIALS + _wordpiece_initial_tokens(texts, lowercase)
+    tok = _wordpiece_backend(lowercase)
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=pinned,
+                                                             min_frequency=2))
+    state = json.loads(tok.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] in WORDPIECE_SPECIALS]
+    return Tokenizer.from_str(json.dumps(state))
+
+
 def train_tokenizer(texts: Any, kind: Literal["mlm", "clm"], vocab_size: int, max_len: int, lowercase: bool,
                     algorithm: Literal["wordpiece", "bytelevel"] | None = None) -> Any:
-    """A transformers tokenizer trained on ``texts``.
+    """A transformers tokenizer trained on ``texts``, identical for identical texts in any process.
 
     WordPiece with BERT's specials (default for MLM), or byte-level BPE: GPT-2 style for CLM,
-    RoBERTa style (``<s> </s> <mask>``) for MLM. Note: `tokenizers`' WordPiece trainer breaks
-    ties in hash-map order (huggingface/tokenizers#1794), so two trainings on the same text can
-    differ slightly; the trained tokenizer is saved and reused on resume, and byte-level BPE is
-    deterministic.
+    RoBERTa style (``<s> </s> <mask>``) for MLM. WordPiece is made deterministic in
+    `_train_wordpiece` (at the cost of a quick extra pass); byte-level BPE already is, as all
+    256 byte symbols get sorted ids up front and it has no continuation prefix.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     algorithm = algorithm or ("wordpiece" if kind == "mlm" else "bytelevel")
     if algorithm == "wordpiece":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2)
-        tok.train_from_iterator(texts, trainer)
+        tok = _train_wordpiece(texts, vocab_size, lowercase)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
