@@ -50,33 +50,42 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
         main(argv)
     except TrainingInterrupted as err:
         print(f"multissl: {err}", file=sys.stderr)
-        _leave_process_group()
+        _leave_process_group(130)
         sys.exit(130)
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save yet
         print("multissl: interrupted", file=sys.stderr)
         sys.exit(130)
     except MultiSSLError as err:
         print(f"multissl: error: {err}", file=sys.stderr)
-        _leave_process_group()
+        _leave_process_group(2)
         sys.exit(2)
-    _leave_process_group(collect=True)
+    _leave_process_group(0)
     return 0
 
 
-def _leave_process_group(collect: bool = False) -> None:
-    """Under torchrun, close the process group before exiting, after a run or an error every process
-    agreed on (an interrupt, an output folder in use): left to interpreter shutdown, a DDP reducer or
-    gloo thread that outlives the group can abort the process ("terminate called without an active
-    exception", exit -6) instead of exiting with our status. After a finished run (``collect``),
-    unreachable models (DDP holds reference cycles) are collected first, so no reducer outlives the
-    group; an error exit skips that pause, since torchrun stops a process that exits later than its
-    peers with SIGTERM, not with the status they agreed on."""
+def _leave_process_group(status: int) -> None:
+    """Under torchrun, after a finished run or an error every process agreed on (an interrupt, an
+    output folder in use), close the process group and exit with ``status`` without interpreter
+    finalisation. With torch 2.11's gloo backend a process that has saved everything and destroyed
+    its group still aborts now and then during finalisation ("terminate called without an active
+    exception", exit -6 instead of our status; a gloo thread outlives it, pytorch/pytorch#179291):
+    everything a run writes is closed by then (the trainer ends its trackers), so output is flushed
+    and the process leaves with ``os._exit``. A finished run first collects unreachable models (DDP
+    holds reference cycles); an error exit skips that pause, since torchrun stops with SIGTERM a
+    process that exits later than its peers."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        if collect:
-            gc.collect()
-        with contextlib.suppress(Exception):  # the process is exiting anyway: its status is what matters
-            dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if status == 0:
+        gc.collect()
+    with contextlib.suppress(Exception):  # the process is exiting anyway: its status is what matters
+        dist.destroy_process_group()
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not launched by torchrun: leave the interpreter alone
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def push(ns: argparse.Namespace) -> int:
