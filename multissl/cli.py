@@ -50,20 +50,20 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
         main(argv)
     except TrainingInterrupted as err:
         print(f"multissl: {err}", file=sys.stderr)
-        _leave_process_group(130)
+        leave_process_group(130)
         sys.exit(130)
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save yet
         print("multissl: interrupted", file=sys.stderr)
         sys.exit(130)
     except MultiSSLError as err:
         print(f"multissl: error: {err}", file=sys.stderr)
-        _leave_process_group(2)
+        leave_process_group(2)
         sys.exit(2)
-    _leave_process_group(0)
+    leave_process_group(0)
     return 0
 
 
-def _leave_process_group(status: int) -> None:
+def leave_process_group(status: int) -> None:
     """Under torchrun, after a finished run or an error every process agreed on (an interrupt, an
     output folder in use), close the process group and exit with ``status`` without interpreter
     finalisation. With torch 2.11's gloo backend a process that has saved everything and destroyed

@@ -15,7 +15,6 @@ Kept out of pytest's collection (no ``test_`` prefix).
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -132,17 +131,13 @@ def main(argv: list[str]) -> None:
 
         state = PartialState(cpu=True)  # the process group (gloo) the recipe's trainer takes over
         check_losses(out, state.process_index)
-        gc.collect()  # the checks' DDP reducers gone while the process group lives
         torch.distributed.barrier()
     from multissl_recipes import simclr
 
     from multissl.cli import run_recipe
 
-    run_recipe(simclr.main, recipe_args)  # as `python recipes/simclr.py` runs: the group closed at the end
+    run_recipe(simclr.main, recipe_args)  # as `python recipes/simclr.py` runs: it closes the group and leaves
 
 
 if __name__ == "__main__":
-    from tests.dist_exit import exit_cleanly
-
     main(sys.argv[1:])
-    exit_cleanly()  # see tests/dist_exit.py: an abort at interpreter shutdown is not what this script tests
