@@ -43,20 +43,28 @@ def quiet_hub() -> None:
     hub_logging.set_verbosity_error()
 
 
+def say_error(line: str) -> None:
+    """Write ``line`` and its newline to stderr in one write: under torchrun every process may print
+    the same refusal into one pipe, and ``print`` (two writes when stderr is unbuffered, as with
+    PYTHONUNBUFFERED=1) let one process's line land inside another's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run a recipe's main with one-line errors; exit codes: 0 ok, 2 bad input, 130 interrupted."""
     quiet_libraries()
     try:
         main(argv)
     except TrainingInterrupted as err:
-        print(f"multissl: {err}", file=sys.stderr)
+        say_error(f"multissl: {err}")
         leave_process_group(130)
         sys.exit(130)
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save yet
-        print("multissl: interrupted", file=sys.stderr)
+        say_error("multissl: interrupted")
         sys.exit(130)
     except MultiSSLError as err:
-        print(f"multissl: error: {err}", file=sys.stderr)
+        say_error(f"multissl: error: {err}")
         leave_process_group(2)
         sys.exit(2)
     leave_process_group(0)
@@ -65,27 +73,26 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
 
 def leave_process_group(status: int) -> None:
     """Under torchrun, after a finished run or an error every process agreed on (an interrupt, an
-    output folder in use), close the process group and exit with ``status`` without interpreter
-    finalisation. With torch 2.11's gloo backend a process that has saved everything and destroyed
-    its group still aborts now and then during finalisation ("terminate called without an active
-    exception", exit -6 instead of our status; a gloo thread outlives it, pytorch/pytorch#179291):
-    everything a run writes is closed by then (the trainer ends its trackers), so output is flushed
-    and the process leaves with ``os._exit``. A finished run first collects unreachable models (DDP
-    holds reference cycles); an error exit skips that pause, since torchrun stops with SIGTERM a
-    process that exits later than its peers."""
+    output folder in use), exit with ``status`` without interpreter finalisation. With torch 2.11's
+    gloo backend a process that has saved everything still aborts now and then on its way out
+    ("terminate called without an active exception", exit -6 instead of our status; a gloo thread
+    outlives its owner, pytorch/pytorch#179291), in ``destroy_process_group`` itself as well as at
+    interpreter shutdown (CI saw both). Everything a run writes is closed by then (the trainer ends
+    its trackers and every collective has returned), so output is flushed and the process leaves
+    with ``os._exit``, which runs no C++ destructor. Outside torchrun (a group a caller opened in
+    this process) the group is closed and the interpreter left alone."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     if status == 0:
-        gc.collect()
-    with contextlib.suppress(Exception):  # the process is exiting anyway: its status is what matters
+        gc.collect()  # DDP holds reference cycles: drop its reducers before their group goes
+    with contextlib.suppress(Exception):  # the caller is finishing anyway: its status is what matters
         dist.destroy_process_group()
-    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not launched by torchrun: leave the interpreter alone
-        return
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def push(ns: argparse.Namespace) -> int:
@@ -279,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             return push(ns)
         return list_recipes()
     except TrainingInterrupted as err:
-        print(f"multissl: {err}", file=sys.stderr)
+        say_error(f"multissl: {err}")
         return 130
     except MultiSSLError as err:
-        print(f"multissl: error: {err}", file=sys.stderr)
+        say_error(f"multissl: error: {err}")
         return 2
 
 

@@ -59,4 +59,4 @@ if __name__ == "__main__":
     from multissl.cli import leave_process_group
 
     main(sys.argv[1:])
-    leave_process_group(0)  # as a recipe ends under torchrun: group closed, then os._exit (gloo can abort at finalisation)
+    leave_process_group(0)  # as a recipe ends under torchrun: os._exit after flushing (gloo can abort on the way out)

@@ -30,6 +30,30 @@ def test_unknown_recipe(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unknown recipe 'mlmm' (did you mean 'mlm'?)" in proc.stderr
 
 
+@pytest.mark.parametrize("fails", ["bad input", "interrupt"])
+def test_an_error_line_is_one_write(monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """Under torchrun every process prints the same refusal into one pipe: the line and its newline
+    go out in one write, so no process's line can land inside another's (CI saw two lines glued
+    together when print wrote the newline separately)."""
+    import sys
+
+    from multissl.cli import run_recipe
+    from multissl.errors import ConfigError, TrainingInterrupted
+
+    writes: list[str] = []
+    stream = type("Recorder", (), {"write": lambda self, text: writes.append(text) or len(text), "flush": lambda self: None})()
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def main(_argv: list[str] | None) -> None:
+        raise ConfigError("the folder is in use") if fails == "bad input" else TrainingInterrupted("interrupted at step 3")
+
+    with pytest.raises(SystemExit) as leaving:
+        run_recipe(main, [])
+    assert leaving.value.code == (2 if fails == "bad input" else 130)
+    assert len(writes) == 1 and writes[0].startswith("multissl: ") and writes[0].endswith("\n"), writes
+    assert writes[0].count("\n") == 1
+
+
 def test_script_entry_and_sigint_resume(tmp_path: Path) -> None:
     """`python recipes/clm.py` runs; SIGINT saves a checkpoint and exits 130; rerunning resumes."""
     import signal

@@ -149,6 +149,8 @@ for kind in ("clip", "siglip"):
 if acc.is_main_process:
     torch.save(results, sys.argv[1])
 acc.wait_for_everyone()
+from multissl.cli import leave_process_group
+leave_process_group(0)  # as a recipe ends under torchrun: os._exit after flushing (gloo can abort on the way out)
 '''
 
 
