@@ -54,6 +54,19 @@ def test_embedded_corpus_has_disjoint_validation() -> None:
     assert not set(list(train["text"])) & set(list(held["text"]))
 
 
+def test_embedded_corpus_with_docstrings_adds_only_training_text() -> None:
+    """The larger corpus (the CLM preset's) keeps the same held-out help topics, so the topic task's
+    eval paragraphs stay unseen, and adds standard-library docstrings (read from source) to training."""
+    train, held, source = load_raw(TextDataConfig(embedded="python-docs+docstrings", validation_fraction=0.1), seed=0)
+    small_train, small_held, _ = load_raw(TextDataConfig(validation_fraction=0.1), seed=0)
+    assert source == "python-docs+docstrings (embedded)"
+    assert list(held["text"]) == list(small_held["text"])
+    assert set(small_train["text"]) <= set(train["text"]) and not set(train["text"]) & set(held["text"])
+    words = sum(len(t.split()) for t in train["text"])
+    assert len(train) > 5 * len(small_train) and words > 250_000
+    assert any("Return" in t for t in set(train["text"]) - set(small_train["text"]))  # docstrings' style
+
+
 @pytest.mark.parametrize(("setup", "needle"), [
     ("missing", "no such file or folder"),
     ("empty", "the corpus is empty"),
@@ -108,3 +121,20 @@ def test_non_utf8_jsonl_is_named(tmp_path: Path) -> None:
     bad.write_bytes(json.dumps({"body": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
     with pytest.raises(DataError, match=r"z_bad.jsonl: not valid UTF-8 \(first bad byte at offset 13\)"):
         load_raw(TextDataConfig(files=[str(good), str(bad)], text_column="body"), seed=0)
+
+
+def test_embedded_docstrings_without_library_source_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python that ships compiled modules only must not silently train on the smaller corpus."""
+    import sysconfig
+
+    from multissl.data import demo
+
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "__init__.pyc").write_bytes(b"\0")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    demo.stdlib_docstring_paragraphs.cache_clear()
+    try:
+        with pytest.raises(DataError, match=f"no standard-library source with docstrings under {tmp_path}"):
+            load_raw(TextDataConfig(embedded="python-docs+docstrings"), seed=0)
+    finally:
+        demo.stdlib_docstring_paragraphs.cache_clear()

@@ -1,13 +1,19 @@
 """Embedded demo data, made offline from what every Python installation carries.
 
 Text: CPython's bundled ``pydoc_data.topics`` (the language reference's help topics, ~65k words of
-English with code), split into paragraphs, each kept with the topic it comes from.
+English with code), split into paragraphs, each kept with the topic it comes from; optionally with
+the docstrings of the standard library's own source (~250k more words about programming), so that a
+causal model has more text than it can memorise.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
+import sysconfig
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -49,13 +55,50 @@ def heldout_mask(keys: list[str], fraction: float) -> np.ndarray | None:
     return np.array([k in held_keys for k in keys])
 
 
-def demo_text_splits(validation_fraction: float = 0.05):
-    """``(train, validation)`` `datasets.Dataset`s of the embedded corpus."""
+#: Parts of the standard library that are not its documented modules (tests, the IDE, vendored code).
+_NOT_LIBRARY = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo"}
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_docstring_paragraphs(min_words: int = 4) -> tuple[dict[str, str], ...]:
+    """Paragraphs of the docstrings (module, class, function) in this Python's standard library source,
+    as ``{"text", "topic": module path}`` rows in a fixed order. Read with ``ast``: nothing is imported."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _NOT_LIBRARY.intersection(rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):  # a file this Python cannot parse is not its library
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for para in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+                    text = " ".join(para.split())
+                    if len(text.split()) >= min_words:
+                        rows.append({"text": text, "topic": str(rel.with_suffix(""))})
+    if not rows:
+        from multissl.errors import DataError
+
+        raise DataError(f"data.embedded=python-docs+docstrings: no standard-library source with docstrings under {root} "
+                        "(this Python ships compiled modules only); use data.embedded=python-docs or data.files=...")
+    return tuple(rows)
+
+
+def demo_text_splits(validation_fraction: float = 0.05, docstrings: bool = False):
+    """``(train, validation)`` `datasets.Dataset`s of the embedded corpus. The help topics are split
+    by hash (so the topic task's held-out paragraphs stay held out); the docstrings, when asked for,
+    all train, less any paragraph that is also a help topic's."""
     from datasets import Dataset
 
     rows = python_doc_paragraphs()
     train = [r for r in rows if not is_heldout(r["text"], validation_fraction)]
     held = [r for r in rows if is_heldout(r["text"], validation_fraction)]
+    if docstrings:
+        seen = {r["text"] for r in rows}
+        train += [r for r in stdlib_docstring_paragraphs() if r["text"] not in seen]
     as_cols = lambda rs: {"text": [r["text"] for r in rs], "topic": [r["topic"] for r in rs]}  # noqa: E731
     return Dataset.from_dict(as_cols(train)), Dataset.from_dict(as_cols(held))
 

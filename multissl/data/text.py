@@ -40,6 +40,9 @@ class TextDataConfig:
     """A named eval split of `dataset`; empty = hold out validation_fraction of the training documents."""
     eval_files: list[str] = field(default_factory=list)
     validation_fraction: float = 0.05
+    embedded: Literal["python-docs", "python-docs+docstrings"] = "python-docs"
+    """The embedded corpus (no files, no dataset): CPython's help topics (~65k words), or those plus
+    the standard library's docstrings (~310k words in all; more than a small causal model memorises)."""
     text_column: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How a .txt file splits into documents."""
@@ -156,10 +159,10 @@ def load_raw(cfg: TextDataConfig, seed: int, report: TextReport | None = None) -
     elif cfg.dataset:
         train, source = load_hub(cfg, cfg.split), cfg.dataset
     else:
-        train, held = demo_text_splits(cfg.validation_fraction)
+        train, held = demo_text_splits(cfg.validation_fraction, docstrings=cfg.embedded == "python-docs+docstrings")
         if cfg.streaming:
             train, held = train.to_iterable_dataset(), held.to_iterable_dataset()
-        source = "python-docs (embedded)"
+        source = f"{cfg.embedded} (embedded)"
         out = _clean(train, "text", "demo corpus", cfg, report), _clean(held, "text", "demo corpus", cfg, report), source
         if own:
             report.finish(None)
