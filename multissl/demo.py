@@ -60,9 +60,10 @@ def demo_pretraining(output_dir: str, steps: int | None, recipes: list[str] | No
         accuracy, unit = DEMO_RECIPES[name]
         recipe = find("pretrain", name)
         args = [f"trainer.output_dir={Path(output_dir) / name}"]
-        shortened = "" if steps else (f", {DEMO_PRETRAIN_STEPS[name]} steps" if name in DEMO_PRETRAIN_STEPS else "")
-        if steps or shortened:
-            args.append(f"trainer.max_steps={steps or DEMO_PRETRAIN_STEPS[name]}")
+        max_steps = steps or DEMO_PRETRAIN_STEPS.get(name)
+        if max_steps:
+            args.append(f"trainer.max_steps={max_steps}")
+        shortened = "" if steps or not max_steps else f", {max_steps} steps"
         print(f"\n== {name}: tiny preset{shortened} on the embedded {DEMO_DATA[name]} ==", flush=True)
         result = recipe.main(args)
         history = result.history

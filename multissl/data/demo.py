@@ -2,7 +2,7 @@
 
 Text: CPython's bundled ``pydoc_data.topics`` (the language reference's help topics, ~65k words of
 English with code), split into paragraphs, each kept with the topic it comes from; optionally with
-the docstrings of the standard library's own source (~250k more words about programming), so that a
+the docstrings of the standard library's own source (~245k more words about programming), so that a
 causal model has more text than it can memorise.
 """
 
@@ -22,13 +22,14 @@ def python_doc_paragraphs(min_words: int = 4) -> list[dict[str, str]]:
     """Paragraphs of the CPython help topics as ``{"text", "topic"}`` rows, in a fixed order."""
     from pydoc_data.topics import topics
 
-    rows = []
-    for topic in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[topic]):
-            text = " ".join(para.split())
-            if len(text.split()) >= min_words and not set(text) <= set("*=-~^ "):
-                rows.append({"text": text, "topic": topic})
-    return rows
+    return [{"text": text, "topic": topic} for topic in sorted(topics)
+            for text in paragraphs(topics[topic], min_words) if not set(text) <= set("*=-~^ ")]
+
+
+def paragraphs(text: str, min_words: int) -> list[str]:
+    """The blank-line-separated paragraphs of ``text`` with at least ``min_words`` words, each on one line."""
+    joined = (" ".join(para.split()) for para in re.split(r"\n\s*\n", text))
+    return [para for para in joined if len(para.split()) >= min_words]
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -75,10 +76,8 @@ def stdlib_docstring_paragraphs(min_words: int = 4) -> tuple[dict[str, str], ...
             continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                for para in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
-                    text = " ".join(para.split())
-                    if len(text.split()) >= min_words:
-                        rows.append({"text": text, "topic": str(rel.with_suffix(""))})
+                rows += [{"text": text, "topic": str(rel.with_suffix(""))}
+                         for text in paragraphs(ast.get_docstring(node) or "", min_words)]
     if not rows:
         from multissl.errors import DataError
 

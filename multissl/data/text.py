@@ -42,7 +42,7 @@ class TextDataConfig:
     validation_fraction: float = 0.05
     embedded: Literal["python-docs", "python-docs+docstrings"] = "python-docs"
     """The embedded corpus (no files, no dataset): CPython's help topics (~65k words), or those plus
-    the standard library's docstrings (~310k words in all; more than a small causal model memorises)."""
+    the standard library's docstrings (~303k words of training text; more than a small causal model memorises)."""
     text_column: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How a .txt file splits into documents."""
