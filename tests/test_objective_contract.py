@@ -185,7 +185,8 @@ def test_compute_sees_one_model_object_in_training_and_eval(tmp_path: Path) -> N
 def test_two_processes_keep_auxiliary_modules_identical(tmp_path: Path) -> None:
     """Under torchrun with 2 processes: teachers built from different seeds start as rank 0's and
     stay equal; compute reads a model attribute through DDP in training and in eval (uneven eval
-    shards); the gradient-carrying gather returns every process's rows with gradients to its own."""
+    shards); the gradient-carrying gather returns every process's rows with gradients to its own;
+    collectives still work after fit."""
     proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/dist_contract.py", str(tmp_path)],
                timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -195,6 +196,7 @@ def test_two_processes_keep_auxiliary_modules_identical(tmp_path: Path) -> None:
     assert ranks[0]["teacher_start_equal"] and ranks[1]["teacher_start_equal"]
     assert ranks[0]["eval_batches"] != ranks[1]["eval_batches"], "the eval shards were uneven"
     assert all(r["attribute_seen"] == {"train", "eval"} for r in ranks)
+    assert all(r["ranks_after_fit"] == [0, 1] for r in ranks), "fit leaves the process group to its opener"
     for r in ranks:  # each rank contributes one row [rank, rank]; loss = sum of row_i x i on both ranks
         assert r["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
         # its own row's gradient, summed over the two processes' losses (DDP then averages)

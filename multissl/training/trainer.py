@@ -117,6 +117,15 @@ class Trainer:
             self._write_config(run_config)
         self.accelerator.wait_for_everyone()
 
+    def _finish_trackers(self) -> None:
+        """Close the trackers and leave the process group up. ``Accelerator.end_training`` would also
+        destroy the group, and with torch 2.11's gloo that now and then aborts a process that has saved
+        everything (exit -6, "terminate called without an active exception"); the group is left to
+        whoever opened it: a recipe leaves through ``multissl.cli.leave_process_group``, which exits
+        without running the C++ destructors, and callers of ``fit`` can still run collectives after it."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def release_output_dir(self) -> None:
         """Unlock the output folder (at the end of fit): another run may use it now. A trainer that
         never finishes holds it until it is garbage-collected, or until the next trainer of this
@@ -456,7 +465,7 @@ class Trainer:
                     counter.sync()
                     path = self._save_checkpoint(state, window)
                     bar.close()
-                    acc.end_training()
+                    self._finish_trackers()
                     raise TrainingInterrupted(
                         f"interrupted at step {state.step}/{total}; checkpoint saved to {path}. "
                         "Run the same command again to resume."
@@ -473,7 +482,7 @@ class Trainer:
         if best_step is not None:
             final_metrics = state.best["metrics"]
         self._export(objective, model, state, final_metrics, best_step)
-        acc.end_training()
+        self._finish_trackers()
         self.release_output_dir()
         return FitResult(state, first_loss, {k.split("/", 1)[1]: v for k, v in final_metrics.items() if "/" in k}, history,
                          self._exported(objective, model), best_step, best_name,
