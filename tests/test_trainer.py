@@ -14,7 +14,7 @@ from multissl.callbacks import ModelCardCallback
 from multissl.errors import TrainingError, TrainingInterrupted
 from multissl.metrics import read_jsonl
 from multissl.training.trainer import Trainer, TrainerConfig, list_checkpoints
-from tests.toy import Toy, toy_data
+from tests.toy import Toy, ToyCollator, toy_data
 
 
 def cfg(out: Path, **kw: object) -> TrainerConfig:
@@ -166,3 +166,40 @@ def test_epochs_set_the_step_count(tmp_path: Path) -> None:
     result, _ = fit(tmp_path, max_steps=0, epochs=2.0, grad_accum_steps=2)
     # 224 samples / 16 a batch = 14 batches an epoch; 2 epochs / 2 micro-batches a step = 14 steps
     assert result.state.step == 14 and result.state.seen["samples"] == 2 * 224
+
+
+class _SlowCollator(ToyCollator):
+    """Collation that takes 30 ms a batch: a starved input pipeline."""
+
+    def __call__(self, samples, generator):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.03)
+        return super().__call__(samples, generator)
+
+
+class _SlowData(Toy):
+    def collator(self) -> ToyCollator:
+        return _SlowCollator(noise=self.noise)
+
+
+class _SlowStep(Toy):
+    def compute(self, model, batch):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.03)
+        return super().compute(model, batch)
+
+
+@pytest.mark.parametrize("objective, starved", [(_SlowData, True), (_SlowStep, False)])
+def test_perf_metrics_tell_a_starved_input_pipeline(tmp_path: Path, objective: type, starved: bool) -> None:
+    """perf/data_fraction is the share of step time spent waiting for batches, perf/step_seconds the
+    step time, both from the steps themselves: an evaluation in the window does not count."""
+    trainer = Trainer(cfg(tmp_path, max_steps=10, eval_every=3, num_workers=0))
+    data = toy_data()
+    trainer.fit(objective(), data[:224], data[224:])
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/step_seconds" in r]
+    assert [r["step"] for r in rows] == [5, 10]
+    for r in rows:
+        assert 0.03 <= r["perf/step_seconds"] < 0.5
+        assert (r["perf/data_fraction"] > 0.7) if starved else (r["perf/data_fraction"] < 0.3), r

@@ -42,6 +42,24 @@ SKIP_PREFIX = "skipped_"  # count units that are running totals of dropped bad i
 __all__ = ["FitResult", "MODEL_DIR", "Trainer", "TrainerConfig", "TrainerState", "list_checkpoints"]
 
 
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def refuse_sharded_training(distributed_type: str) -> None:
+    """Stop before any work under a sharding launcher config. The trainer exports, probes and keeps EMA
+    teachers from whole weights on the main process: under FSDP or ZeRO-3 each process holds a shard,
+    so the export would be a shard, an online probe would wait forever for the other processes, and a
+    teacher would average a shard into a whole tensor. Refusing beats a model that looks saved."""
+    kind = distributed_type.rsplit(".", 1)[-1]
+    if kind in SHARDED:
+        raise ConfigError(
+            f"the accelerate config asks for {kind}, which multissl's trainer does not support yet (its export, "
+            "online probes and EMA teachers need whole weights on one process); use DDP "
+            "(recipes/accelerate/ddp_multi_gpu.yaml or multi_node.yaml), and trainer.mixed_precision=bf16 with "
+            "trainer.gradient_checkpointing=true to fit a larger model"
+        )
+
+
 class _Checkpointed:
     """The objective's own state and its auxiliary modules, as one object Accelerate checkpoints."""
 
@@ -89,11 +107,13 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
             ),
         )
+        refuse_sharded_training(str(self.accelerator.distributed_type))
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
         self._stop_signal: int | None = None
+        self._data_wait_seconds = 0.0  # time spent waiting for training batches; see _LogWindow
         # One run per output folder (multissl.run_lock): rank 0 checks and locks it before anything is
         # written, until the end of fit; every process learns the outcome, so none waits for a rank
         # that gave up.
@@ -511,7 +531,9 @@ class Trainer:
         scheduled = apply_schedules(optimizer, cfg, state.step, total, warmup)
         nonfinite_loss = torch.zeros((), device=acc.device)
         for _ in range(cfg.grad_accum_steps):
+            waited = time.perf_counter()
             batch = next(batches)
+            self._data_wait_seconds += time.perf_counter() - waited
             counter.add(objective.count(batch))
             batch = _to_device(batch, acc.device)
             with acc.accumulate(model), acc.autocast():
@@ -679,7 +701,29 @@ class _LogWindow:
         self.trainer, self.objective, self.sums, self.counter = trainer, objective, sums, counter
         self.state, self.warmup = state, warmup
         self.seen_at_start = dict(state.seen)
+        self._mark_step_time()
         self.restart_clock()
+
+    def _mark_step_time(self) -> None:
+        self.step_at_start, self.train_seconds_at_start = self.state.step, self.state.train_seconds
+        self.trainer._data_wait_seconds = 0.0
+
+    def perf(self) -> dict[str, float]:
+        """Step time, the share of it spent waiting for the data loader (over 5% and the GPU waits
+        for the input pipeline: more workers, or lighter collation), and on CUDA the peak memory,
+        over this window's steps. Step times come from the steps themselves (``state.train_seconds``),
+        so an evaluation inside the window does not count."""
+        steps = self.state.step - self.step_at_start
+        seconds = self.state.train_seconds - self.train_seconds_at_start
+        perf: dict[str, float] = {}
+        if steps > 0 and seconds > 0:
+            perf = {"perf/step_seconds": seconds / steps,
+                    "perf/data_fraction": min(1.0, self.trainer._data_wait_seconds / seconds)}
+        device = self.trainer.device
+        if device.type == "cuda":
+            perf["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self._mark_step_time()
+        return perf
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
@@ -698,6 +742,7 @@ class _LogWindow:
             **{f"throughput/{u}_per_s": v / elapsed for u, v in done.items()
                if not u.startswith(SKIP_PREFIX) and (v > 0 or u == "samples")},
             **{f"data/{u}": v for u, v in state.seen.items() if u.startswith(SKIP_PREFIX) and v > 0},
+            **self.perf(),
         })
         if state.nonfinite_total:
             record["train/nonfinite_steps"] = state.nonfinite_total
