@@ -203,3 +203,34 @@ def test_perf_metrics_tell_a_starved_input_pipeline(tmp_path: Path, objective: t
     for r in rows:
         assert 0.03 <= r["perf/step_seconds"] < 0.5
         assert (r["perf/data_fraction"] > 0.7) if starved else (r["perf/data_fraction"] < 0.3), r
+
+
+def test_checkpoints_and_model_are_on_disk_before_they_are_renamed_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of a checkpoint (and of the exported model) is fsynced before the rename that makes
+    it the newest, and the parent folder after it: a power cut cannot leave it empty."""
+    events: list[tuple[str, str]] = []
+    renamed: dict[str, list[str]] = {}  # what each renamed folder held at the rename
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        renamed[str(dst)] = [str(p) for p in Path(str(src)).rglob("*")]
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    fit(tmp_path, max_steps=4, save_every=2, eval_every=0)
+    out = tmp_path.resolve()
+    for final in [out / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000004", out / "model"]:
+        tmp = final.parent / (f".partial-{final.name}" if final.parent.name == "checkpoints" else ".model.partial")
+        at = events.index(("replace", f"{tmp} -> {final}"))
+        synced = {path for kind, path in events[:at] if kind == "fsync"}
+        files = renamed[str(final)]
+        assert files and all(f in synced for f in files), [f for f in files if f not in synced]
+        assert str(tmp) in synced
+        assert ("fsync", str(final.parent)) in events[at + 1:], "the rename itself is flushed"

@@ -30,6 +30,7 @@ from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
 from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
+from multissl.training.durable import fsync_path, fsync_tree
 from multissl.training.loader import make_loader
 from multissl.training.objective import Objective, TrainContext
 from multissl.training.optim import apply_schedules, build_optimizer, torch_groups
@@ -213,9 +214,11 @@ class Trainer:
 
         def finish() -> None:
             _write_state(tmp / STATE_FILE, state)  # last: a folder without it is never taken for a checkpoint
+            fsync_tree(tmp)  # on the disk before the rename: a power cut cannot leave it empty
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # atomic: a crash before this leaves only a .partial folder
+            fsync_path(root)  # the rename itself
             for old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -661,8 +664,10 @@ class Trainer:
         model, and the one it replaces stays until the new one is complete."""
         shutil.rmtree(tmp, ignore_errors=True)
         objective.save_pretrained(self._exported(objective, model), tmp)
+        fsync_tree(tmp)
         shutil.rmtree(self.output_dir / MODEL_DIR, ignore_errors=True)
         os.replace(tmp, self.output_dir / MODEL_DIR)
+        fsync_path(self.output_dir)
 
     def _exported(self, objective: Objective, model: nn.Module) -> nn.Module:
         unwrapped = self.accelerator.unwrap_model(model)
