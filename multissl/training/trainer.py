@@ -460,7 +460,7 @@ class Trainer:
 
         with self._signals():
             if state.step == 0 and eval_loader is not None and cfg.eval_every > 0:
-                log(self._evaluate(objective, model, eval_loader, tag="eval")[0])
+                log(self._evaluate(objective, model, eval_loader, tag="eval", counter=counter)[0])
             while state.step < total:
                 step_start = time.perf_counter()
                 step_log = self._train_step(objective, model, optimizer, batches, counter, window, state, total, warmup)
@@ -477,7 +477,7 @@ class Trainer:
 
                 is_last = state.step == total
                 if eval_loader is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
-                    final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
+                    final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval", counter=counter)
                     log(final_metrics)
                     self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, is_last)
                     log_window.restart_clock()  # evaluation time is not training throughput
@@ -497,9 +497,9 @@ class Trainer:
         for unit, count in state.seen.items():
             if unit.startswith(SKIP_PREFIX) and count > 0:
                 self.print(f"warning: {unit.removeprefix(SKIP_PREFIX).replace('_', ' ')}: {int(count)} skipped during "
-                           "training (all workers and processes; the first few are named above)")
+                           "training and evaluation (all workers and processes; the first few are named above)")
         if not final_metrics and eval_loader is not None:  # resumed a run that had already finished
-            final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval")
+            final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval", counter=counter)
             self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, True)
         best_step = self._kept_best_step(state, best_name)
         if best_step is not None:
@@ -587,10 +587,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
-    def _evaluate(self, objective: Objective, model: nn.Module, loader: Any, tag: str
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _evaluate(self, objective: Objective, model: nn.Module, loader: Any, tag: str,
+                  counter: _UnitCounter | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Eval metrics (over all processes) and, when the objective makes them, its predictions
-        (``compute`` may return a ``predictions`` list in eval mode), gathered on the main process."""
+        (``compute`` may return a ``predictions`` list in eval mode), gathered on the main process.
+        Bad held-out inputs join the run's ``skipped_*`` totals through ``counter``: the objective
+        counts each file once, so evaluating again adds nothing."""
         acc = self.accelerator
         model.eval()
         # ``compute`` gets the same (wrapped) model as in training. Processes may get unequal numbers
@@ -604,6 +606,8 @@ class Trainer:
         for i, batch in enumerate(loader):
             if self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches:
                 break
+            if counter is not None:
+                counter.add({u: n for u, n in objective.count(batch).items() if u.startswith(SKIP_PREFIX)})
             with acc.autocast():
                 out = objective.compute(model, _to_device(batch, acc.device))
             predictions.extend(out.pop("predictions", None) or [])
@@ -770,7 +774,7 @@ class _UnitCounter:
     def add(self, counts: dict[str, float]) -> None:
         for unit, value in counts.items():
             if unit not in self.unsynced:  # a unit first seen now: all processes see it in batch 1
-                self.units.append(unit)
+                self.units = sorted([*self.units, unit])  # the same order everywhere, whatever came first
                 self.unsynced[unit] = 0.0
             self.unsynced[unit] += value
 
