@@ -271,14 +271,18 @@ def _grad_norm(model: Any) -> float:
 
 
 def _train_hf_example(
-    model: Any, train: Any, steps: int, batch_size: int, max_samples: int, loss: Any, tally: Tally
+    model: Any, train: Any, steps: int, batch_size: int, max_samples: int, loss: Any, tally: Tally,
+    device: str = "cpu", bf16: bool = False,
 ) -> None:
-    """The example's training loop, single process, no mixed precision, no gradient accumulation."""
+    """The example's training loop, single process, no gradient accumulation. ``device`` and ``bf16``
+    are what the example gets from Accelerate when launched on a GPU with ``--mixed_precision bf16``
+    (the batch moved to the device, the forward under bf16 autocast); here: CPU, fp32."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
     recipe = _recipe_trainer("unused", steps)  # same optimizer settings as our side
+    model.to(device)  # before the optimizer is made, as Accelerate's prepare does
     rows = [{"path": p} for p in train.data["path"]]
     loader = DataLoader(
         rows,
@@ -299,9 +303,11 @@ def _train_hf_example(
     batches = _timed(_epochs(loader), tally)
     for completed in range(steps):
         batch = next(batches)
-        num_losses = batch["mask_time_indices"].sum()
         batch.pop("sub_attention_mask")
-        out = model(**batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        num_losses = batch["mask_time_indices"].sum()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch)
         out.loss.backward()  # contrastive + diversity_weight * diversity, summed over masked frames
         for p in model.parameters():  # the example normalises the gradients, not the loss
             if p.grad is not None:

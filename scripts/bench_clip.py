@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,10 @@ def _train_multissl(args: argparse.Namespace, out: Path) -> Path:
     return out / "model"
 
 
-def _train_open_clip(args: argparse.Namespace, out: Path) -> Path:
-    """open_clip_train's ``main`` with its command line; returns the final epoch checkpoint."""
+def _train_open_clip(args: argparse.Namespace, out: Path, extra: Sequence[str] = ()) -> Path:
+    """open_clip_train's ``main`` with its command line; returns the final epoch checkpoint. ``extra``
+    options come last, so they override ours (argparse keeps the last value): ``--device cuda
+    --precision amp_bf16 --torchcompile --model ViT-B-32`` in scripts/bench_gpu.py."""
     import open_clip
 
     try:
@@ -172,6 +175,7 @@ def _train_open_clip(args: argparse.Namespace, out: Path) -> Path:
         "--zeroshot-frequency", "0",
         "--report-to", "",
         "--log-every-n-steps", str(LOG_EVERY),
+        *extra,
     ]  # fmt: skip
     if oc_main.main(argv) == -1:
         sys.exit("open_clip_train refused to run (an experiment of that name exists?)")
@@ -211,40 +215,61 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-def prepare(work: Path, args: argparse.Namespace) -> tuple[str, str, int, int]:
-    """The shared CSV and initial weights; returns ``(csv, init, batches per epoch, epochs)``."""
-    import torch
-
-    from multissl.cli import quiet_libraries
+def write_train_csv(work: Path, steps: int, batch_size: int, min_pairs: int = 0) -> tuple[Path, int, int, int, int]:
+    """``work/train.csv``: the first ``batches x batch_size`` training pairs of the embedded shapes
+    corpus, one caption each, in the format both sides read. The corpus is listed as many times as
+    it takes to hold ``min_pairs``, each image under as many names (symbolic links in
+    ``work/images``): a path is an image to both sides (ours merges rows naming the same file), so
+    epochs get longer and the images are read as often as before. Returns ``(csv, batches per
+    epoch, epochs, training pairs, held-out images)``."""
     from multissl.data.image_text import ImageTextDataConfig, prepare_image_text
-    from multissl.objectives.clip import ClipLossConfig, ClipModelConfig, build_clip
 
-    quiet_libraries()
     train, held_out = prepare_image_text(ImageTextDataConfig(), seed=SEED)
-    per_epoch, epochs = epoch_plan(args.steps, len(train), args.batch_size)
-    rows = per_epoch * args.batch_size
+    repeat = max(1, -(-min_pairs // len(train)))
+    paths, caption_lists = list(train.data["path"]) * repeat, list(train.data["captions"]) * repeat
+    if repeat > 1:
+        (work / "images").mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(paths):
+            link = work / "images" / f"{i:07d}{Path(path).suffix}"
+            link.symlink_to(Path(path).absolute())
+            paths[i] = str(link)
+    per_epoch, epochs = epoch_plan(steps, len(paths), batch_size)
+    rows = per_epoch * batch_size
     lines = ["filepath\ttitle"]
-    for path, captions in zip(train.data["path"][:rows], train.data["captions"][:rows]):
+    for path, captions in zip(paths[:rows], caption_lists[:rows]):
         caption = captions[0]
         if any(c in caption + path for c in '\t\n"'):
             sys.exit(f"cannot write {path!r} / {caption!r} to a tab-separated CSV")
         lines.append(f"{path}\t{caption}")
     csv = work / "train.csv"
     csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return csv, per_epoch, epochs, len(paths), len(held_out or [])
+
+
+def prepare(work: Path, args: argparse.Namespace) -> tuple[str, str, int, int]:
+    """The shared CSV and initial weights; returns ``(csv, init, batches per epoch, epochs)``."""
+    import torch
+
+    from multissl.cli import quiet_libraries
+    from multissl.objectives.clip import ClipLossConfig, ClipModelConfig, build_clip
+
+    quiet_libraries()
+    csv, per_epoch, epochs, n_train, n_held = write_train_csv(work, args.steps, args.batch_size)
+    rows = per_epoch * args.batch_size
 
     torch.manual_seed(SEED)
     model = build_clip(ClipModelConfig(name=MODEL), ClipLossConfig())[0]
     init = work / "init.pt"
     torch.save({"state_dict": model.state_dict()}, init)
     print(
-        f"{rows} of {len(train)} training images in the CSV ({per_epoch} batches of {args.batch_size} x "
-        f"{epochs} epochs = {args.steps} steps), {len(held_out or [])} held-out images for the evaluator, "
+        f"{rows} of {n_train} training images in the CSV ({per_epoch} batches of {args.batch_size} x "
+        f"{epochs} epochs = {args.steps} steps), {n_held} held-out images for the evaluator, "
         f"warm-up {warmup_steps(args.steps)} steps",
         flush=True,
     )
-    if rows < len(train) // 2:
+    if rows < n_train // 2:
         print(
-            f"warning: {args.steps} steps has no divisor near {len(train) // args.batch_size} batches per "
+            f"warning: {args.steps} steps has no divisor near {n_train // args.batch_size} batches per "
             "epoch; pick a step count with one to train on more of the images",
             flush=True,
         )

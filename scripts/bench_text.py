@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import peak_rss_mb
+from benchlib import hf_training_args, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("multissl", "hf_trainer", "bare_loop")
@@ -100,7 +100,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         objective.on_step_end = lambda step: stamps.append(time.perf_counter()) or {}
         trainer.fit(objective, data.train, None)
     elif side == "hf_trainer":
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
 
         set_seed(SEED)
         objective = _objective(recipe, data.tokenizer)
@@ -117,12 +117,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
             def on_step_end(self, args, state, control, **kw):
                 stamps.append(time.perf_counter())
 
-        args = TrainingArguments(
-            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-            warmup_steps=WARMUP, lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=SEED,
-            save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-            disable_tqdm=True, dataloader_num_workers=0,
-        )
+        args = hf_training_args(tempfile.mkdtemp(), BATCH, steps, LR, WARMUP, SEED)
         # HF's Trainer gets the plain transformers model (full-vocabulary logits at every position)
         Trainer(model=objective.export(objective.model), args=args, train_dataset=data.train,
                 data_collator=collator, callbacks=[Stamp()]).train()

@@ -67,17 +67,95 @@ def timed_training(side: str, train: Callable[[], Any], before_step: Callable[[A
                     "train_s": train_s, "peak_rss_mb": rss_mb}
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """Same thread count for every side, offline, CPU only, the repository importable."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(ROOT),
-    }
+def child_env(threads: int | None, cpu_only: bool = True) -> dict[str, str]:
+    """Same thread count for every side (None: the library defaults), offline, the repository
+    importable; CPU only unless ``cpu_only`` is False (scripts/bench_gpu.py on a GPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if cpu_only:
+        env.update({"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""})
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)  # set by the test suite's conftest, for one
+    return env
+
+
+class StepClock:
+    """Optimizer-step end times, and the batches any DataLoader of this process hands out: how long
+    the loop waited for each and its size in the workload's unit (``units(batch)``).
+
+    One yardstick for training loops we do not own (HF's Trainer, open_clip_train, the wav2vec2
+    example): none reports its step time and data wait in a form we can read, but all step a torch
+    optimizer once per batch of a DataLoader. Batch ``i`` is taken to be trained in step ``i + 1``
+    (no gradient accumulation); a loader that fetches ahead shifts waits by a step, not their sum."""
+
+    def __init__(self, units: Callable[[Any], float]) -> None:
+        self.units = units
+        self.stamps: list[float] = []
+        self.waited_at_stamp: list[float] = []
+        self.batch_units: list[float] = []
+        self.waited = 0.0
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> StepClock:
+        import time
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        original = _BaseDataLoaderIter.__next__
+
+        def timed_next(iterator: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                batch = original(iterator)
+            finally:
+                self.waited += time.perf_counter() - start
+            self.batch_units.append(float(self.units(batch)))
+            return batch
+
+        def on_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+            self.stamps.append(time.perf_counter())
+            self.waited_at_stamp.append(self.waited)
+
+        _BaseDataLoaderIter.__next__ = timed_next  # every loader kind iterates through this method
+        hook = register_optimizer_step_post_hook(on_step)
+        self._undo = [lambda: setattr(_BaseDataLoaderIter, "__next__", original), hook.remove]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+    def window(self, skip: int) -> dict[str, float]:
+        """Steps ``skip + 1`` to the last, timed from the end of step ``skip`` (warm-up and
+        compilation left out): ``steps``, ``step_seconds``, ``units_per_s`` and ``data_fraction``
+        (the share of the window spent waiting for batches)."""
+        n = len(self.stamps)
+        if not 1 <= skip < n:
+            raise ValueError(f"{n} optimizer steps timed; need more than the {skip} skipped (and skip >= 1)")
+        seconds = self.stamps[-1] - self.stamps[skip - 1]
+        waited = self.waited_at_stamp[-1] - self.waited_at_stamp[skip - 1]
+        return {"steps": n - skip, "step_seconds": seconds / (n - skip),
+                "units_per_s": sum(self.batch_units[skip:n]) / seconds,
+                "data_fraction": min(1.0, waited / seconds)}
+
+
+def hf_training_args(output_dir: str, batch_size: int, steps: int, lr: float, warmup: int, seed: int, *,
+                     cuda: bool = False, bf16: bool = False, compile: bool = False, workers: int = 0) -> Any:
+    """HF ``TrainingArguments`` for a timed run: no saving, evaluation, logging, reporting or
+    progress bar; AdamW fused (HF's default), cosine schedule, clipping at 1; on CUDA optionally
+    with bf16 autocast and ``torch.compile``, HF's own switches for speed."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
+        warmup_steps=warmup, lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=seed,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", use_cpu=not cuda,
+        disable_tqdm=True, dataloader_num_workers=workers, optim="adamw_torch_fused", bf16=bf16,
+        torch_compile=compile,
+    )
 
 
 def run_alternating(
