@@ -16,10 +16,10 @@ from pathlib import Path
 def fsync_path(path: Path) -> None:
     """Flush one file or folder. File systems that cannot fsync a folder (some network ones) are
     left at what they offer: the error would stop a run for a guarantee they do not give."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
+    folder = path.is_dir()
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
-        with contextlib.suppress(OSError) if path.is_dir() else contextlib.nullcontext():
+        with contextlib.suppress(OSError) if folder else contextlib.nullcontext():
             os.fsync(fd)
     finally:
         os.close(fd)

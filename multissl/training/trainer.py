@@ -114,7 +114,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
         self._stop_signal: int | None = None
-        self._data_wait_seconds = 0.0  # time spent waiting for training batches; see _LogWindow
+        self.data_wait_seconds = 0.0  # all time spent waiting for training batches; see _LogWindow.perf
         # One run per output folder (multissl.run_lock): rank 0 checks and locks it before anything is
         # written, until the end of fit; every process learns the outcome, so none waits for a rank
         # that gave up.
@@ -536,7 +536,7 @@ class Trainer:
         for _ in range(cfg.grad_accum_steps):
             waited = time.perf_counter()
             batch = next(batches)
-            self._data_wait_seconds += time.perf_counter() - waited
+            self.data_wait_seconds += time.perf_counter() - waited
             counter.add(objective.count(batch))
             batch = _to_device(batch, acc.device)
             with acc.accumulate(model), acc.autocast():
@@ -715,7 +715,7 @@ class _LogWindow:
 
     def _mark_step_time(self) -> None:
         self.step_at_start, self.train_seconds_at_start = self.state.step, self.state.train_seconds
-        self.trainer._data_wait_seconds = 0.0
+        self.data_wait_at_start = self.trainer.data_wait_seconds
 
     def perf(self) -> dict[str, float]:
         """Step time, the share of it spent waiting for the data loader (over 5% and the GPU waits
@@ -727,7 +727,7 @@ class _LogWindow:
         perf: dict[str, float] = {}
         if steps > 0 and seconds > 0:
             perf = {"perf/step_seconds": seconds / steps,
-                    "perf/data_fraction": min(1.0, self.trainer._data_wait_seconds / seconds)}
+                    "perf/data_fraction": min(1.0, (self.trainer.data_wait_seconds - self.data_wait_at_start) / seconds)}
         device = self.trainer.device
         if device.type == "cuda":
             perf["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
