@@ -33,6 +33,7 @@ from multissl.data.audio_tasks import LabelledAudioDataConfig
 from multissl.errors import DataError
 from multissl.metrics import read_jsonl
 from multissl.objectives.audio_classification import label_splits
+from multissl.training.skips import DistinctTally, skip_id
 from tests.conftest import assert_resume_is_exact
 from tests.test_wav2vec2_recipe import _args
 
@@ -261,23 +262,29 @@ def test_stream_carries_too_short_clips_to_the_collator(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- bookkeeping
-def test_skips_are_counted_once_and_by_process_zero_only(tmp_path: Path) -> None:
+def test_skips_are_counted_once_over_processes_and_listed_by_process_zero(tmp_path: Path) -> None:
     listed = (("/a.m4a", "unsupported"), ("/b.wav", "unreadable"))
     collate = AudioCollator(listed_skips=listed, skip_dir=str(tmp_path))
     batch = {"skip_reasons": [("/c.wav", "is silent"), ("/c.wav", "is silent")], "skipped": torch.tensor(2)}
     main = AudioSkips(collate)
     main.setup(0)
-    assert [main.count(batch), main.count(batch), main.count({"skip_reasons": []})] == [3, 0, 0]
-    main.note({"skip_reasons": [("/d.wav", "is silent")]})  # an eval batch: counted with the next one
-    assert main.count({"skip_reasons": []}) == 1
+    reported = [main.count(batch), main.count(batch), main.count({"skip_reasons": []})]
+    assert [sorted(r.ids) for r in reported] == [sorted(skip_id(p) for p in ("/a.m4a", "/b.wav", "/c.wav")), [], []]
+    main.note({"skip_reasons": [("/d.wav", "is silent")]})  # an eval batch: reported with the next one
+    assert main.count({"skip_reasons": []}).ids == (skip_id("/d.wav"),)
     assert list(_skip_list(tmp_path)) == ["/a.m4a", "/b.wav", "/c.wav", "/d.wav"]
     other = AudioSkips(collate)
-    other.setup(1)  # the listing is the same on every process: process 0 counts it
-    assert other.count(batch) == 1 and list(_skip_list(tmp_path)) == ["/a.m4a", "/b.wav", "/c.wav", "/d.wav"]
+    other.setup(1)  # the listing is the same on every process: process 0 reports it
+    from_other = other.count(batch)
+    assert from_other.ids == (skip_id("/c.wav"),) and list(_skip_list(tmp_path)) == ["/a.m4a", "/b.wav", "/c.wav", "/d.wav"]
+    tally = DistinctTally()  # the trainer's count over both processes: /c.wav, met by each, once
+    for unit in (reported[0], from_other):
+        tally.add("skipped_audio_files", unit)
+    assert tally.sync(lambda mine: [mine]) == {"skipped_audio_files": 3}
     again = AudioSkips(collate)
     again.setup(0)
     again.load_state_dict(main.state_dict())
-    assert again.count(batch) == 0 and again.count({"skip_reasons": [("/e.wav", "x")]}) == 1
+    assert again.count(batch).ids == () and again.count({"skip_reasons": [("/e.wav", "x")]}).ids == (skip_id("/e.wav"),)
 
 
 def test_labelled_audio_keeps_the_listing_skips(tmp_path: Path) -> None:

@@ -14,13 +14,14 @@ from multissl_recipes import clip
 
 from multissl.data.demo import is_heldout
 from multissl.data.image_text import ImageTextCollator, ImageTextDataConfig, prepare_image_text
-from multissl.data.images import DistinctSkips, decode_and_transform, skip_id
+from multissl.data.images import decode_and_transform
 from multissl.data.shapes_demo import build_shapes_corpus
 from multissl.data.views import AugmentConfig, ViewsCollator, view_transform
 from multissl.errors import DataError
 from multissl.metrics import read_jsonl
 from multissl.objectives.clip import MaskedContrastiveLoss
 from multissl.training.loader import ShardedBatchSampler, rows
+from multissl.training.skips import BadInputs, DistinctTally, skip_id
 from tests import test_image_text_data
 from tests.conftest import BIN, assert_resume_is_exact, run
 from tests.dist_clip_grads import build_objective, grads, half
@@ -93,11 +94,15 @@ def test_a_batch_of_bad_images_keeps_its_rows_and_each_file_counts_once(tmp_path
     assert views["views"][0].shape == (0, 3, 16, 16) and views["labels"].shape == (0,) and views["skipped"] == len(BAD)
     with pytest.raises(DataError, match="none of the 6 images"):  # for objectives that cannot score an empty batch
         ViewsCollator([_to_tensor], max_image_pixels=LIMIT)(samples, _g())
-    tally = DistinctSkips()
-    assert [tally.new(batch), tally.new(batch), tally.new(views)] == [len(BAD), 0, 0]
-    again = DistinctSkips()
-    again.load_state_dict(tally.state_dict())
-    assert again.new(batch) == 0, "the counted files survive a resume"
+    tally = DistinctTally()
+    counts = []
+    for b in (batch, batch, views):
+        tally.add("skipped_images", BadInputs.of(b))
+        counts.append(tally.sync(lambda mine: [mine]).get("skipped_images", 0))
+    assert counts == [len(BAD), 0, 0]
+    again = DistinctTally(tally.state())
+    again.add("skipped_images", BadInputs.of(batch))
+    assert again.pending_count() == 0, "the counted files survive a resume"
 
 
 # ------------------------------------------------------------------------------- the masked loss

@@ -34,10 +34,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from multissl.data.files import MANIFEST_FILES, check_table, read_files, write_skip_list
+from multissl.data.files import MANIFEST_FILES, SkipWarnings, check_table, read_files, write_skip_list
 from multissl.data.sources import open_dataset
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.training.loader import DatasetView, ShardedBatches, batch_seed
+from multissl.training.skips import BadInputs, skip_id
 
 OPTIONAL_COLUMNS = ("transcript", "speaker", "label")
 SILENCE_PEAK = 1e-4  # |sample| peak below this (-80 dBFS, ~3 LSB of 16-bit) = a silent file
@@ -204,8 +205,7 @@ class AudioCollator:
         self.sample_rate, self.max_samples = sample_rate, int(max_seconds * sample_rate)
         self.normalize, self.on_bad_audio = normalize, on_bad_audio
         self.listed_skips, self.skip_dir = tuple(listed_skips), skip_dir
-        self.skipped = 0
-        self.skipped_files: list[str] = []
+        self.warnings = SkipWarnings("audio", NAMED_IN_WARNINGS)
 
     @classmethod
     def from_config(cls, cfg: AudioDataConfig, listed_skips: Sequence[tuple[str, str]] = (),
@@ -213,10 +213,7 @@ class AudioCollator:
         return cls(cfg.sample_rate, cfg.max_seconds, cfg.normalize, cfg.on_bad_audio, listed_skips, skip_dir)
 
     def _skip(self, err: BadAudio) -> None:
-        self.skipped += 1
-        if len(self.skipped_files) < NAMED_IN_WARNINGS:
-            self.skipped_files.append(str(err))
-            print(f"warning: skipping bad audio ({self.skipped} so far): {err}", flush=True)
+        self.warnings.skip(err)
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         real = [i for i, s in enumerate(samples) if SKIP_KEY not in s]
@@ -271,9 +268,8 @@ class AudioSkips:
     every process, so process 0 alone counts them, with its first batch. Files the collator rejects
     come in batches (``skip_reasons``); eval batches are noted from ``compute`` (`note`) and counted
     with the next training batch. The set survives a resume through the objective's ``state_dict``.
-    Process 0 writes the list (when the data were prepared with an ``output_dir``); other processes
-    count the training-time rejects they meet themselves, so a bad file that two processes draw is
-    counted by each, and only process 0's are listed.
+    Process 0 writes the list (when the data were prepared with an ``output_dir``) of the files it
+    met; the count is over every process, each file once (the trainer unions their ids).
     """
 
     def __init__(self, collate: Any = None) -> None:
@@ -315,14 +311,16 @@ class AudioSkips:
             self.reasons.update(fresh)
             self._write()
 
-    def count(self, batch: dict[str, Any]) -> int:
-        """Files not counted before: the batch's new rejects, plus any noted since the last count."""
+    def count(self, batch: dict[str, Any]) -> BadInputs | int:
+        """The files not reported before by this process (the batch's new rejects, plus any noted
+        since the last count), by id: the trainer counts each once over every process."""
         if "skip_reasons" not in batch:  # a collator that does not name its rejects: count them as they come
             self._start()
             return int(batch.get("skipped", 0))
         self.note(batch)
-        new, self.counted = len(self.reasons) - self.counted, len(self.reasons)
-        return new
+        paths = list(self.reasons)[self.counted:]
+        self.counted = len(self.reasons)
+        return BadInputs(tuple(skip_id(p) for p in paths))
 
     def state_dict(self) -> dict[str, Any]:
         return {"files": [[p, why] for p, why in self.reasons.items()], "counted": self.counted}

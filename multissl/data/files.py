@@ -335,3 +335,20 @@ def build_once(final: Path, is_built: Callable[[Path], bool], build: Callable[[P
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
+
+
+class SkipWarnings:
+    """A collator's warnings about the bad files it skips: the first ``limit`` files named, each
+    once, so a file met again (the next epoch, the next evaluation) is neither named again nor
+    counted twice in "N so far" (which is per DataLoader worker; the run's total is the trainer's)."""
+
+    def __init__(self, what: str, limit: int = 3) -> None:
+        self.what, self.limit = what, limit
+        self.named: list[str] = []
+
+    def skip(self, err: Exception) -> None:
+        message = str(err)
+        if len(self.named) >= self.limit or message in self.named:
+            return
+        self.named.append(message)
+        print(f"warning: skipping bad {self.what} ({len(self.named)} so far in this worker): {message}", flush=True)

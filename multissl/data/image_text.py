@@ -29,6 +29,7 @@ from multissl.data.demo import heldout_mask
 from multissl.data.files import (
     BUILDERS,
     IMAGE_TABLE_FILES,
+    SkipWarnings,
     check_table,
     naming_bad_files,
     quiet_builders,
@@ -116,8 +117,7 @@ class ImageTextCollator:
             raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.transform, self.tokenizer = transform, tokenizer
         self.on_bad_image, self.max_image_pixels, self.sample_caption = on_bad_image, max_image_pixels, sample_caption
-        self.skipped = 0
-        self.skipped_files: list[str] = []
+        self.warnings = SkipWarnings("image", NAMED_IN_WARNINGS)
 
     @classmethod
     def from_config(cls, cfg: ImageTextDataConfig, transform: Callable[[Any], torch.Tensor],
@@ -125,10 +125,7 @@ class ImageTextCollator:
         return cls(transform, tokenizer, cfg.on_bad_image, cfg.max_image_pixels, sample_caption)
 
     def _skip(self, err: BadImage) -> None:
-        self.skipped += 1
-        if len(self.skipped_files) < NAMED_IN_WARNINGS:
-            self.skipped_files.append(str(err))
-            print(f"warning: skipping bad image ({self.skipped} so far): {err}", flush=True)
+        self.warnings.skip(err)
 
     def _caption(self, captions: Any, u: float) -> str:
         captions = [captions] if isinstance(captions, str) else list(captions)

@@ -6,7 +6,6 @@ any DataLoader worker and after a resume."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import random
 import warnings
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from multissl.errors import DataError, first_line
+from multissl.training.skips import skip_id
 
 
 class BadImage(DataError):
@@ -97,42 +97,10 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise BadImage(f"{name}: cannot decode image ({first_line(err)})") from None
 
 
-def skip_id(name: str) -> int:
-    """A stable 63-bit id of a bad input's name, carried in batches as ``skipped_ids`` (a tensor, so
-    batches stay tensors only) for `DistinctSkips` to count each file once."""
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
-
-
 def skipped_ids(names: list[str]) -> torch.Tensor:
-    """The batch entry ``skipped_ids``: `skip_id` of each bad input's name, int64, in batch order."""
+    """The batch entry ``skipped_ids``: `skip_id` of each bad input's name, int64, in batch order (a
+    tensor, so batches stay tensors only), for the trainer to count each bad file once."""
     return torch.tensor([skip_id(n) for n in names], dtype=torch.long)
-
-
-class DistinctSkips:
-    """Bad files counted once each, however often they are drawn (every epoch, in any DataLoader
-    worker): what an objective's ``count`` reports as ``skipped_*``, so the run's total is the number
-    of distinct bad files, not of failed reads. The ids survive a resume through the objective's
-    ``state_dict``. Each process keeps its own ids: under several processes, a bad file that the
-    per-epoch shuffle deals to two processes is counted by each (batches without ``skipped_ids``
-    count their ``skipped`` as is)."""
-
-    def __init__(self) -> None:
-        self.ids: set[int] = set()
-
-    def new(self, batch: dict[str, Any]) -> int:
-        """How many of the batch's bad files were not counted before (and remember them)."""
-        ids = batch.get("skipped_ids")
-        if ids is None:
-            return int(batch.get("skipped", 0))
-        fresh = {int(i) for i in ids.tolist()} - self.ids
-        self.ids |= fresh
-        return len(fresh)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ids": sorted(self.ids)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ids = {int(i) for i in state.get("ids", [])}
 
 
 def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",

@@ -94,7 +94,7 @@ class ViewsCollator:
 
     One transform per view (SimCLR's two are alike; DINO's global and local crops differ); bad
     images are skipped and counted (``on_bad_image="error"`` stops instead), ``skipped_ids`` naming
-    them for `multissl.data.images.DistinctSkips`. A batch whose images are all bad is an error
+    them for the trainer's distinct count (`multissl.training.skips`). A batch whose images are all bad is an error
     unless ``allow_empty``: then it has no rows (views shaped ``(0, 3, H, W)``), for an objective
     that scores an empty batch as nothing."""
 

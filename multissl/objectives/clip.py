@@ -23,12 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from multissl.data.images import DistinctSkips
 from multissl.errors import ConfigError, first_line
 from multissl.logs import quiet_root_logger
 from multissl.metrics import Mean
-from multissl.training.distributed import gather_with_grad, own_ids, per_process_ids
+from multissl.training.distributed import gather_with_grad
 from multissl.training.objective import ModelCardInfo, Objective
+from multissl.training.skips import BadInputs
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip's HF_SAFE_WEIGHTS_NAME
@@ -211,8 +211,6 @@ class ClipPretraining(Objective):
         self.eval_data: Any = None
         """Held-out pairs (with labels and ``classnames`` for zero-shot) that `on_evaluate` scores."""
         self._losses: dict[tuple[int, int], MaskedContrastiveLoss] = {}
-        self.skips = DistinctSkips()
-        """Bad training images counted so far, each file once however often it is drawn."""
 
     def collator(self) -> Any:
         return self.train_collate
@@ -220,18 +218,11 @@ class ClipPretraining(Objective):
     def eval_collator(self) -> Any:
         return self.eval_collate
 
-    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Usable rows, and the bad images not counted before (``skipped_images``: distinct files)."""
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, float | BadInputs]:
+        """Usable rows, and the ids of the bad images (``skipped_images``: the trainer counts each file once)."""
         valid = batch.get("valid")
         samples = int(valid.sum()) if valid is not None else int(batch["images"].shape[0])
-        return {"samples": samples, "skipped_images": self.skips.new(batch)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The bad files counted so far, by each process (a collective under several processes)."""
-        return {"skipped_images": per_process_ids(self.skips.ids)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips.ids = own_ids(state.get("skipped_images", {}))
+        return {"samples": samples, "skipped_images": BadInputs.of(batch)}
 
     def _loss_fn(self, distributed: bool) -> MaskedContrastiveLoss:
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)

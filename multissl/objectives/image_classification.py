@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from multissl.data.image_data import ImageDataConfig, ImageDataset, prepare_images
-from multissl.data.images import DistinctSkips, blank_output, decode_and_transform, skipped_ids
+from multissl.data.images import blank_output, decode_and_transform, skipped_ids
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
@@ -44,8 +44,9 @@ from multissl.metrics import Mean
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.run_folder import looks_local
-from multissl.training.distributed import StepRows, kept_buffers, own_ids, per_process_ids
+from multissl.training.distributed import StepRows, kept_buffers
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
+from multissl.training.skips import BadInputs
 
 CARD_METRICS = ("accuracy", "macro_f1")
 NEW_MODEL_SIZE = 32
@@ -403,7 +404,7 @@ class LabelledImageCollator:
     """``(samples, generator) -> {"pixel_values", "labels", "path", "skipped", "skipped_ids"}``: images
     decoded and transformed in the worker under RNGs seeded from the batch generator (the same batch in
     any worker and after a resume); a bad image is counted and skipped, its label and path with it
-    (``skipped_ids`` naming it for `DistinctSkips`). A batch whose images are all bad has no rows."""
+    (``skipped_ids`` naming it for the trainer's distinct count). A batch whose images are all bad has no rows."""
 
     transform: Any
     on_bad_image: str = "skip"
@@ -448,8 +449,6 @@ class ImageClassification(Objective):
         self.train_tf = train_transform(augment, *self.model.input_spec())
         self.eval_tf = self.model.eval_transform()
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
-        self.skips = DistinctSkips()
-        """Bad training images counted so far, each file once however often it is drawn."""
         self.step_rows = StepRows()
         self.device = torch.device("cpu")
 
@@ -459,16 +458,9 @@ class ImageClassification(Objective):
     def eval_collator(self) -> LabelledImageCollator:
         return LabelledImageCollator(self.eval_tf, self.on_bad_image, self.max_image_pixels)
 
-    def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The bad files counted so far, by each process (a collective under several processes)."""
-        return {"skipped_images": per_process_ids(self.skips.ids)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips.ids = own_ids(state.get("skipped_images", {}))
+    def count(self, batch: dict[str, Any]) -> dict[str, float | BadInputs]:
+        """Usable images, and the ids of the bad ones (``skipped_images``: the trainer counts each file once)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": BadInputs.of(batch)}
 
     def setup(self, context: TrainContext) -> None:
         self.device = context.device

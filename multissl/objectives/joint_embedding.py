@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from multissl.data.images import DistinctSkips
 from multissl.data.views import AugmentConfig, ViewsCollator, view_transform
 from multissl.errors import ConfigError
 from multissl.metrics import Mean
@@ -39,11 +38,10 @@ from multissl.training.distributed import (
     StepRows,
     average_buffers,
     kept_buffers,
-    own_ids,
-    per_process_ids,
     rows_before,
 )
 from multissl.training.objective import ModelCardInfo, Objective, StepOutput, TrainContext
+from multissl.training.skips import BadInputs
 
 
 @dataclass
@@ -160,8 +158,6 @@ class JointEmbedding(Objective):
         self.eval_tf = eval_transform_of(net)  # probes see what users of the saved folder will
         self.model = self.build_model(net)
         self._collator = ViewsCollator(self.view_transforms(), on_bad_image, max_image_pixels, allow_empty=True)
-        self.skips = DistinctSkips()
-        """Bad training images counted so far, each file once however often it is drawn."""
         self.step_rows = StepRows()
         self.target: JointEmbeddingModel | None = None
         self.momentum: MomentumConfig | None = None
@@ -185,16 +181,9 @@ class JointEmbedding(Objective):
     def collator(self) -> ViewsCollator:
         return self._collator
 
-    def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The bad files counted so far, by each process (a collective under several processes)."""
-        return {"skipped_images": per_process_ids(self.skips.ids)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips.ids = own_ids(state.get("skipped_images", {}))
+    def count(self, batch: dict[str, Any]) -> dict[str, float | BadInputs]:
+        """Usable images, and the ids of the bad ones (``skipped_images``: the trainer counts each file once)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": BadInputs.of(batch)}
 
     def setup(self, context: TrainContext) -> None:
         self.rank, self.world_size, self.gather = context.rank, context.world_size, context.gather

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from multissl.data.images import DistinctSkips, blank_output, decode_and_transform, skipped_ids
+from multissl.data.images import blank_output, decode_and_transform, skipped_ids
 from multissl.data.views import AugmentConfig, view_transform
 from multissl.errors import ConfigError
 from multissl.losses.masked_pixels import masked_patch_mse
 from multissl.metrics import Mean
 from multissl.models.vit import save_vit, vit_from_mae, vit_image_processor
-from multissl.training.distributed import StepRows, kept_buffers, own_ids, per_process_ids
+from multissl.training.distributed import StepRows, kept_buffers
 from multissl.training.objective import ModelCardInfo, Objective, ParamGroup, StepOutput, TrainContext
+from multissl.training.skips import BadInputs
 
 PREVIEW_FILE = "reconstructions.png"
 PREVIEW_IMAGES = 8
@@ -106,7 +107,7 @@ class MaskedImageCollator:
     """``(samples, generator) -> {"pixel_values", "noise", "labels", "skipped", "skipped_ids"}``: images
     decoded and augmented in the worker under RNGs seeded from the batch generator, and the per-patch
     mask noise drawn from the same generator (the lowest ``1 - mask_ratio`` of each row stay visible).
-    Bad images are left out and counted (``skipped_ids`` naming them for `DistinctSkips`); a batch
+    Bad images are left out and counted (``skipped_ids`` naming them for the trainer's distinct count); a batch
     whose images are all bad has no rows."""
 
     transform: Any
@@ -143,8 +144,6 @@ class MAE(Objective):
         self._eval = MaskedImageCollator(eval_transform(augment.size, augment.mean, augment.std), patches,
                                          on_bad_image, max_image_pixels)
         self.preview_rows: list[dict[str, Any]] = []
-        self.skips = DistinctSkips()
-        """Bad training images counted so far, each file once however often it is drawn."""
         self.step_rows = StepRows()
         self.device = torch.device("cpu")
 
@@ -168,16 +167,9 @@ class MAE(Objective):
     def eval_collator(self) -> MaskedImageCollator:
         return self._eval
 
-    def count(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Usable images, and the bad ones not counted before (``skipped_images``: distinct files)."""
-        return {"samples": int(batch["labels"].shape[0]), "skipped_images": self.skips.new(batch)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The bad files counted so far, by each process (a collective under several processes)."""
-        return {"skipped_images": per_process_ids(self.skips.ids)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips.ids = own_ids(state.get("skipped_images", {}))
+    def count(self, batch: dict[str, Any]) -> dict[str, float | BadInputs]:
+        """Usable images, and the ids of the bad ones (``skipped_images``: the trainer counts each file once)."""
+        return {"samples": int(batch["labels"].shape[0]), "skipped_images": BadInputs.of(batch)}
 
     def setup(self, context: TrainContext) -> None:
         self.device = context.device

@@ -3,8 +3,7 @@ processes holding different numbers of rows (a process whose batch lost images t
 offset of a process's rows in it, making non-trained modules identical on every process, and the
 two pieces that let a process with no rows at all still join every collective: a forward of
 stand-in rows whose buffers are put back (`kept_buffers`), and the step's row count over processes
-(`StepRows`), so that a step no process had a row for changes no weight and no optimizer state;
-and the checkpoint form of ids each process keeps for itself (`per_process_ids`, `own_ids`)."""
+(`StepRows`), so that a step no process had a row for changes no weight and no optimizer state."""
 
 from __future__ import annotations
 
@@ -63,29 +62,6 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     padding = tensor.new_zeros((largest - tensor.shape[0], *tensor.shape[1:]))
     parts = all_gather(torch.cat([tensor, padding]).contiguous())
     return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
-
-
-def per_process_ids(ids: set[int]) -> dict[str, list[list[int]]]:
-    """State for a checkpoint of ids each process keeps for itself (the bad files it has counted):
-    every process's, in rank order, since one file (the main process's) holds the objective's state
-    for all of them. A collective: call it on every process (``state_dict`` is, in ``save_state``)."""
-    mine = sorted(ids)
-    if _world() == 1:
-        return {"ids_by_process": [mine]}
-    parts: list[list[int]] = [[] for _ in range(_world())]
-    torch.distributed.all_gather_object(parts, mine)
-    return {"ids_by_process": [list(p) for p in parts]}
-
-
-def own_ids(state: dict[str, list]) -> set[int]:
-    """This process's ids from `per_process_ids`' state: its own when the run resumes with as many
-    processes, else every process's together; a one-process form ``{"ids": [...]}`` is read as is."""
-    if "ids_by_process" not in state:
-        return {int(i) for i in state.get("ids", [])}
-    parts = state["ids_by_process"]
-    if len(parts) == _world():
-        return {int(i) for i in parts[torch.distributed.get_rank() if _world() > 1 else 0]}
-    return {int(i) for part in parts for i in part}
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch loads with the trainer: the CLI's parser and configs 
     from torch import nn
 
     from multissl.metrics import Mean
+    from multissl.training.skips import BadInputs
 
 Batch = dict[str, Any]
 """Tensors, lists or tuples of tensors (views of several sizes), and plain values."""
@@ -114,11 +115,13 @@ class Objective:
     def eval_collator(self) -> Collator:
         return self.collator()
 
-    def count(self, batch: Batch) -> dict[str, float]:
+    def count(self, batch: Batch) -> dict[str, float | BadInputs]:
         """Units of work in a batch: ``samples`` and any others (``tokens``, ``audio_seconds``);
         each is logged as ``throughput/<unit>_per_s``. Every batch must report the same units.
         Units named ``skipped_*`` (bad inputs the collator dropped) are logged as running totals over
-        all workers and processes (``data/<unit>``) instead of rates."""
+        all workers and processes (``data/<unit>``) instead of rates; report them as
+        `multissl.training.skips.BadInputs` (the batch's bad files by id, ``BadInputs.of(batch)``)
+        and the trainer counts each file once over the run, whichever process meets it."""
         raise NotImplementedError(f"{type(self).__name__} must declare count(batch)")
 
     # ------------------------------------------------------------------ steps

@@ -29,6 +29,8 @@ class TrainerState:
     """Metric sums since the last log line (over processes), so logs after a resume match."""
     rank_positions: list[list[int]] = field(default_factory=list)
     """(epoch, batch_in_epoch) of every process: streamed shards can be consumed unevenly."""
+    skip_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Per ``skipped_*`` unit, the ids of the distinct bad inputs counted (see `multissl.training.skips`)."""
     best: dict[str, Any] = field(default_factory=dict)
     """The best evaluation so far by ``best_metric``: ``{"step", "metric", "value", "metrics"}``."""
 

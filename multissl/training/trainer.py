@@ -34,6 +34,7 @@ from multissl.training.durable import fsync_path, fsync_tree
 from multissl.training.loader import make_loader
 from multissl.training.objective import Objective, TrainContext
 from multissl.training.optim import apply_schedules, build_optimizer, torch_groups
+from multissl.training.skips import BadInputs, DistinctTally
 from multissl.training.state import CHECKPOINTS, STATE_FILE, FitResult, TrainerState, list_checkpoints
 
 MODEL_DIR = "model"  # the exported model; with a best metric, the best evaluated one so far
@@ -764,28 +765,48 @@ class _LogWindow:
 
 
 class _UnitCounter:
-    """This process's counts of every unit since the last sync, summed over processes into ``state.seen``."""
+    """This process's counts of every unit since the last sync, summed over processes into
+    ``state.seen``; units reported as `BadInputs` count each distinct id once over the whole run."""
 
     def __init__(self, state: TrainerState, accelerator: Any) -> None:
         self.state, self.accelerator = state, accelerator
         self.units = sorted({"samples", *state.seen})
         self.unsynced = dict.fromkeys(self.units, 0.0)
+        self.distinct = DistinctTally(state.skip_ids)
 
-    def add(self, counts: dict[str, float]) -> None:
+    def add(self, counts: dict[str, float | BadInputs]) -> None:
         for unit, value in counts.items():
             if unit not in self.unsynced:  # a unit first seen now: all processes see it in batch 1
                 self.units = sorted([*self.units, unit])  # the same order everywhere, whatever came first
                 self.unsynced[unit] = 0.0
-            self.unsynced[unit] += value
+            if isinstance(value, BadInputs):
+                self.distinct.add(unit, value)
+            else:
+                self.unsynced[unit] += value
 
     def sync(self) -> None:
+        """A collective: every process calls it at the same steps. The ids are exchanged only when
+        some process has new ones (their count rides along with the sums)."""
         acc = self.accelerator
-        totals = torch.tensor([self.unsynced[u] for u in self.units], dtype=torch.float64, device=acc.device)
+        values = [self.unsynced[u] for u in self.units] + [float(self.distinct.pending_count())]
+        totals = torch.tensor(values, dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
-        for unit, value in zip(self.units, totals.tolist()):
+        *sums, pending = totals.tolist()
+        for unit, value in zip(self.units, sums):
             self.state.seen[unit] = self.state.seen.get(unit, 0.0) + value
             self.unsynced[unit] = 0.0
+        if pending > 0:
+            for unit, new in self.distinct.sync(self._gather).items():
+                self.state.seen[unit] = self.state.seen.get(unit, 0.0) + new
+            self.state.skip_ids = self.distinct.state()
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.accelerator.num_processes == 1:
+            return [obj]
+        parts: list[Any] = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(parts, obj)
+        return parts
 
 
 def _ddp_of(model: nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
