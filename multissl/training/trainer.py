@@ -804,9 +804,9 @@ class _UnitCounter:
     def _gather(self, obj: Any) -> list[Any]:
         if self.accelerator.num_processes == 1:
             return [obj]
-        parts: list[Any] = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(parts, obj)
-        return parts
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
 
 
 def _ddp_of(model: nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
