@@ -1,7 +1,8 @@
 """Benchmark: multissl's MLM/CLM recipes vs Hugging Face's Trainer vs a bare PyTorch loop.
 
 Same tiny model (same initial weights), same packed data and tokenizer, batch, seed, schedule and
-step count. Each side runs in its own process (so peak RSS is its own) and the sides alternate
+step count, and the same fused AdamW kernel (ours on CPU and HF's ``TrainingArguments`` default,
+``adamw_torch_fused``). Each side runs in its own process (so peak RSS is its own) and the sides alternate
 over several repeats. Throughput is timed from the end of the first step to the end of the last
 (steady state, no start-up), and every final model is scored by the same evaluator: the
 held-out split with fixed masks.
@@ -130,7 +131,8 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         model = objective.model
         decay = [p for p in model.parameters() if p.ndim >= 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                 {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=LR)
+                                 {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=LR,
+                                fused=True)  # the kernel both other sides use (ours and HF's default)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, WARMUP, steps, 0.0))
         loader, pos = make_loader(data.train, BATCH, objective.collator(), seed=SEED, shuffle=True, drop_last=True,
                                   rank=0, world_size=1, split_tag=0)

@@ -25,7 +25,7 @@ class TrainerConfig:
     """0 = same as batch_size."""
     grad_accum_steps: int = 1
     optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
-    """adamw (torch, fused on GPU), sgd (momentum), or lars (timm's: SGD with layer-wise trust ratios,
+    """adamw (torch, fused on CPU and GPU), sgd (momentum, fused too), or lars (timm's: SGD with layer-wise trust ratios,
     not applied to biases and norms, as SimCLR and BYOL train)."""
     lr: float = 5e-4
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"

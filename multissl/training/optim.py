@@ -38,14 +38,27 @@ def torch_groups(groups: list[ParamGroup], model: nn.Module) -> list[dict[str, A
     return out
 
 
+def fused_kernels_on(device: torch.device) -> bool:
+    """Whether torch has fused optimizer kernels for ``device`` (one pass over each tensor instead of a
+    dozen element-wise ops). On CPU too: torch's AdamW defaults to its per-tensor loop there, which
+    for the 6.9M-parameter tiny CLIP took 27.6 ms a step against 3.4 ms fused (2 threads)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: if a torch release moves it, fall back to the two we know
+        return device.type in ("cpu", "cuda")
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def build_optimizer(cfg: TrainerConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on GPU), SGD with momentum, or timm's LARS; lr and weight decay are set per step."""
+    """AdamW, SGD with momentum (both fused where torch has the kernels: CPU and GPU), or timm's LARS;
+    lr and weight decay are set per step."""
     for g in groups:
         g["lr"], g["weight_decay"] = cfg.lr * g["lr_multiplier"], cfg.weight_decay * g["wd_multiplier"]
+    fused = fused_kernels_on(device)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
     from timm.optim import Lars
 
     # timm's Lars adapts only groups with weight decay, so biases and norms keep plain SGD steps
