@@ -138,3 +138,31 @@ def test_embedded_docstrings_without_library_source_is_one_clear_error(tmp_path:
             load_raw(TextDataConfig(embedded="python-docs+docstrings"), seed=0)
     finally:
         demo.stdlib_docstring_paragraphs.cache_clear()
+
+
+def test_docstring_paragraphs_are_parsed_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard library is parsed once per installation (seconds); later runs read the cached rows."""
+    import sysconfig
+
+    from multissl.data import demo
+
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "pkg" / "mod.py").write_text('"""Module text that is long enough.\n\nSecond paragraph of words here."""\n'
+                                        'def f():\n    """A function docstring of five words."""\n')
+    (lib / "test").mkdir()
+    (lib / "test" / "skipped.py").write_text('"""Tests are not the library, so skipped."""\n')
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    monkeypatch.setenv("MULTISSL_CACHE", str(tmp_path / "cache"))
+    demo.stdlib_docstring_paragraphs.cache_clear()
+    try:
+        first = demo.stdlib_docstring_paragraphs()
+        assert [r["text"] for r in first] == ["Module text that is long enough.", "Second paragraph of words here.",
+                                              "A function docstring of five words."]
+        assert {r["topic"] for r in first} == {"pkg/mod"}
+        monkeypatch.setattr(demo, "_read_stdlib_docstrings", lambda *a: pytest.fail("parsed again"))
+        demo.stdlib_docstring_paragraphs.cache_clear()
+        assert demo.stdlib_docstring_paragraphs() == first
+        assert len(list((tmp_path / "cache").glob("stdlib-docstrings-v1-*/COMPLETE"))) == 1
+    finally:
+        demo.stdlib_docstring_paragraphs.cache_clear()

@@ -205,6 +205,20 @@ def test_perf_metrics_tell_a_starved_input_pipeline(tmp_path: Path, objective: t
         assert (r["perf/data_fraction"] > 0.7) if starved else (r["perf/data_fraction"] < 0.3), r
 
 
+def test_startup_times_are_logged_once_on_the_first_training_record(tmp_path: Path) -> None:
+    """Seconds from process start to fit and to the end of the first step (which here sleeps 0.03 s,
+    after an evaluation at step 0), on the first training record only."""
+    trainer = Trainer(cfg(tmp_path, max_steps=10, eval_every=5, num_workers=0))
+    data = toy_data()
+    trainer.fit(_SlowStep(), data[:224], data[224:])
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    with_startup = [r for r in rows if "perf/startup_seconds" in r]
+    assert [r["step"] for r in with_startup] == [rows[0]["step"]] and all("perf/before_fit_seconds" not in r
+                                                                           for r in rows[1:])
+    first = with_startup[0]
+    assert 0 < first["perf/before_fit_seconds"] < first["perf/startup_seconds"] - 0.03
+
+
 def test_checkpoints_and_model_are_on_disk_before_they_are_renamed_into_place(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every file of a checkpoint (and of the exported model) is fsynced before the rename that makes

@@ -63,8 +63,29 @@ _NOT_LIBRARY = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-pa
 @functools.lru_cache(maxsize=2)
 def stdlib_docstring_paragraphs(min_words: int = 4) -> tuple[dict[str, str], ...]:
     """Paragraphs of the docstrings (module, class, function) in this Python's standard library source,
-    as ``{"text", "topic": module path}`` rows in a fixed order. Read with ``ast``: nothing is imported."""
+    as ``{"text", "topic": module path}`` rows in a fixed order. Parsing ~600 files takes seconds, so
+    they are read once per Python installation into the cache (``$MULTISSL_CACHE/stdlib-docstrings-v1-*``)."""
+    import hashlib
+    import json
+    import sys
+
+    from multissl.data.files import build_once, cache_root
+
     root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha1(f"{sys.version}|{root}|{min_words}".encode()).hexdigest()[:12]
+    final = cache_root() / f"stdlib-docstrings-v1-{key}"
+
+    def build(folder: Path) -> None:
+        rows = _read_stdlib_docstrings(root, min_words)
+        (folder / "paragraphs.json").write_text(json.dumps(rows), encoding="utf-8")
+        (folder / "COMPLETE").write_text(f"{len(rows)} paragraphs from {root} ({sys.version.split()[0]})\n")
+
+    build_once(final, lambda folder: (folder / "COMPLETE").is_file(), build)
+    return tuple(json.loads((final / "paragraphs.json").read_text(encoding="utf-8")))
+
+
+def _read_stdlib_docstrings(root: Path, min_words: int) -> list[dict[str, str]]:
+    """The docstring paragraphs of the library's source under ``root``, read with ``ast``: nothing is imported."""
     rows = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
@@ -83,7 +104,7 @@ def stdlib_docstring_paragraphs(min_words: int = 4) -> tuple[dict[str, str], ...
 
         raise DataError(f"data.embedded=python-docs+docstrings: no standard-library source with docstrings under {root} "
                         "(this Python ships compiled modules only); use data.embedded=python-docs or data.files=...")
-    return tuple(rows)
+    return rows
 
 
 def demo_text_splits(validation_fraction: float = 0.05, docstrings: bool = False):

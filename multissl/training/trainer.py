@@ -418,6 +418,9 @@ class Trainer:
     # ----------------------------------------------------------------------- fit
     def fit(self, objective: Objective, train_data: Any, eval_data: Any = None) -> FitResult:
         cfg, acc = self.cfg, self.accelerator
+        # seconds from process start to here (imports, config, data preparation, tokenizer training) and to
+        # the end of the first optimizer step (model, data loaders, the step-0 evaluation, first batch)
+        startup: dict[str, float] | None = {"perf/before_fit_seconds": process_age_seconds()}
         train_loader, train_pos = self._loader(objective, train_data, train=True)
         eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
         batches_per_epoch = _len_or_none(train_loader)
@@ -467,9 +470,14 @@ class Trainer:
                 step_log = self._train_step(objective, model, optimizer, batches, counter, window, state, total, warmup)
                 state.train_seconds += time.perf_counter() - step_start
                 bar.update(1)
+                if startup is not None and "perf/startup_seconds" not in startup:
+                    startup["perf/startup_seconds"] = process_age_seconds()
 
                 if state.step % cfg.log_every == 0 or state.step == total:
                     record = log_window.record(step_log, batches_per_epoch)
+                    if startup is not None:  # once a process, on its first training record
+                        record.update(startup)
+                        startup = None
                     if first_loss is None and "train/loss" in record:
                         first_loss = record["train/loss"]
                     log(record)
@@ -700,6 +708,13 @@ class Trainer:
         if self.is_main:  # after the barrier: the other processes need not wait for uploads
             for callback in self.callbacks:
                 callback.on_fit_end(self, objective, export)
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (the OS's start time, so imports before multissl's count)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 class _LogWindow:
