@@ -1,4 +1,7 @@
-"""Padding of duration batches on the embedded speech corpus. python scripts/audio_padding.py [max_batch_samples]"""
+"""Padding of duration batches on the embedded speech corpus.
+
+    python scripts/audio_padding.py [max_batch_samples] [pad_multiple_seconds]
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from multissl.data.audio_splits import prepare_audio
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    cfg = AudioDataConfig(validation_fraction=0, **({"max_batch_samples": int(args[0])} if args else {}))
+    cfg = AudioDataConfig(validation_fraction=0, **({"max_batch_samples": int(args[0])} if args else {}),
+                          **({"pad_multiple_seconds": float(args[1])} if len(args) > 1 else {}))
     data, _ = prepare_audio(cfg)
     for mode, shuffle in (("train", True), ("eval", False)):
         sampler = data.make_batch_sampler(batch_size=0, seed=0, shuffle=shuffle, drop_last=shuffle,
@@ -19,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         for epoch in range(5):
             sampler.set_epoch(epoch)
             fractions.append(sampler.padding_fraction())
-        print(f"{len(data)} utterances, budget {cfg.max_batch_samples}, {mode}: {len(sampler)} batches, "
+        print(f"{len(data)} utterances, budget {cfg.max_batch_samples}, padded to {cfg.pad_multiple_seconds} s, {mode}: {len(sampler)} batches, "
               f"padding {', '.join(f'{f:.1%}' for f in fractions)} (epochs 0-4)")
 
 

@@ -19,6 +19,7 @@ from multissl.data.audio import (
     DurationBatchSampler,
     load_audio,
     load_utterances,
+    padded_length,
 )
 from multissl.data.audio_splits import prepare_audio
 from multissl.errors import ConfigError, DataError
@@ -85,14 +86,21 @@ def test_batches_are_deterministic_resumable_and_reshuffled() -> None:
 
 
 def test_padding_is_small_on_speech(corpus: Path) -> None:
-    cfg = AudioDataConfig(manifest=str(corpus), validation_fraction=0, max_batch_samples=400_000, max_seconds=10.0)
-    train, _ = prepare_audio(cfg)
-    for shuffle in (True, False):
-        s = train.make_batch_sampler(batch_size=0, seed=0, shuffle=shuffle, drop_last=False, rank=0, world_size=1, split_tag=0)
-        for epoch in range(3):
-            s.set_epoch(epoch)
-            assert s.padding_fraction() < 0.10
-            assert all(train.lengths[[i for i, _ in b]].max() * len(b) <= cfg.max_batch_samples for b in s)
+    """Bucketing alone (no rounding) pads little; with the default rounding (0.5 s) every batch's
+    rounded size still fits the budget."""
+    for pad in (0.0, 0.5):
+        cfg = AudioDataConfig(manifest=str(corpus), validation_fraction=0, max_batch_samples=400_000, max_seconds=10.0,
+                              pad_multiple_seconds=pad)
+        train, _ = prepare_audio(cfg)
+        for shuffle in (True, False):
+            s = train.make_batch_sampler(batch_size=0, seed=0, shuffle=shuffle, drop_last=False, rank=0, world_size=1,
+                                         split_tag=0)
+            for epoch in range(3):
+                s.set_epoch(epoch)
+                if pad == 0:
+                    assert s.padding_fraction() < 0.10
+                assert all(padded_length(int(train.lengths[[i for i, _ in b]].max()), cfg.pad_multiple, cfg.max_samples)
+                           * len(b) <= cfg.max_batch_samples for b in s)
 
 
 def test_make_loader_uses_the_dataset_batch_sampler(corpus: Path) -> None:
@@ -332,3 +340,42 @@ def test_streaming_prepare_reads_nothing_up_front(corpus: Path) -> None:
     assert len(train_paths | held_paths) == len(corpus.read_text().splitlines())
     batch = next(iter(loader))
     assert batch["input_values"].ndim == 2 and int(batch["skipped"]) == 0
+
+
+# ------------------------------------------------------------------------------- padding to a multiple
+def test_padded_length_rounds_up_but_not_past_the_crop() -> None:
+    assert padded_length(17_000, 8_000, 80_000) == 24_000 and padded_length(16_000, 8_000, 80_000) == 16_000
+    assert padded_length(77_000, 8_000, 80_000) == 80_000  # capped at the crop length, not 80_000 -> 80_000 rounded
+    assert padded_length(75_000, 8_000, 78_000) == 78_000 and padded_length(17_000, 0, 80_000) == 17_000
+    assert padded_length(17_000, 8_000) == 24_000
+
+
+def test_batches_padded_to_a_multiple_keep_the_budget_and_few_shapes(tmp_path: Path) -> None:
+    """Each batch's padded size (its longest rounded up as the collator rounds it) x count fits the
+    budget, and rounding leaves far fewer distinct padded lengths than utterance lengths."""
+    cap = int(9.5 * SR)
+    plain = _sampler(LENGTHS, BUDGET, True, False)
+    rounded = DurationBatchSampler(LENGTHS, BUDGET, seed=0, shuffle=True, drop_last=False, pad_multiple=SR // 2, pad_cap=cap)
+    widths = set()
+    for batch in _epoch(rounded):
+        width = padded_length(int(LENGTHS[[i for i, _ in batch]].max()), SR // 2, cap)
+        assert width * len(batch) <= BUDGET and width % (SR // 2) == 0 or width == cap
+        widths.add(width)
+    assert len(widths) <= 18 < len({int(LENGTHS[[i for i, _ in b]].max()) for b in _epoch(plain)})
+    assert plain.padding_fraction() < rounded.padding_fraction() < plain.padding_fraction() + 0.1
+
+
+def test_collator_pads_a_batch_to_a_multiple_and_masks_the_padding(tmp_path: Path) -> None:
+    for name, seconds in (("a.wav", 1.2), ("b.wav", 1.7)):
+        sf.write(tmp_path / name, _tone(seconds), SR)
+    rows = [{"path": str(tmp_path / n)} for n in ("a.wav", "b.wav")]
+    batch = AudioCollator(SR, max_seconds=10.0, normalize=False, pad_multiple=SR // 2)(rows, torch.Generator())
+    assert batch["input_values"].shape == (2, 2 * SR) and batch["lengths"].tolist() == [int(1.2 * SR), int(1.7 * SR)]
+    assert batch["attention_mask"].sum(1).tolist() == batch["lengths"].tolist()
+    assert not batch["input_values"][1, int(1.7 * SR):].any()
+    unpadded = AudioCollator(SR, max_seconds=10.0, normalize=False)(rows, torch.Generator())
+    assert unpadded["input_values"].shape == (2, int(1.7 * SR))
+    torch.testing.assert_close(batch["input_values"][:, : int(1.7 * SR)], unpadded["input_values"])
+    assert AudioCollator.from_config(AudioDataConfig()).pad_multiple == SR // 2  # the default: 0.5 s
+    with pytest.raises(ConfigError, match="pad_multiple_seconds"):
+        AudioDataConfig(pad_multiple_seconds=-1)

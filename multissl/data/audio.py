@@ -92,7 +92,12 @@ class AudioDataConfig:
     normalize: bool = True
     """Zero mean, unit variance per utterance (what Wav2Vec2FeatureExtractor's do_normalize does)."""
     max_batch_samples: int = 1_400_000
-    """Budget of padded samples per batch (longest x count), like fairseq's max_tokens (1.4M a GPU)."""
+    """Budget of padded samples per batch (padded length x count), like fairseq's max_tokens (1.4M a GPU)."""
+    pad_multiple_seconds: float = 0.5
+    """Pad each batch to a multiple of this many seconds (at most data.max_seconds; 0: to its longest
+    utterance). Few distinct batch shapes let the allocator and oneDNN reuse what they made for an
+    earlier batch: on the tiny wav2vec 2.0 preset (2 CPU threads) peak RSS fell from 2.45-2.53 GB to
+    1.84 GB with throughput unchanged or higher (README, Speed)."""
     on_bad_audio: Literal["skip", "error"] = "skip"
     """Count and skip an unreadable, silent or undecodable file (or a dangling symlink) with a warning,
     or stop with an error naming it. Clips under data.min_seconds are always skipped, never an error."""
@@ -119,10 +124,25 @@ class AudioDataConfig:
             )
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.pad_multiple_seconds < 0:
+            raise ConfigError(f"data.pad_multiple_seconds must be >= 0, got {self.pad_multiple_seconds}")
 
     @property
     def max_samples(self) -> int:
         return int(self.max_seconds * self.sample_rate)
+
+    @property
+    def pad_multiple(self) -> int:
+        return round(self.pad_multiple_seconds * self.sample_rate)
+
+
+def padded_length(longest: int, multiple: int, cap: int = 0) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (0: as it is), but not past ``cap`` (the
+    crop length; 0: no cap) unless ``longest`` already is."""
+    if multiple <= 0:
+        return longest
+    rounded = -(-longest // multiple) * multiple
+    return min(rounded, max(cap, longest)) if cap > 0 else rounded
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -201,8 +221,9 @@ class AudioCollator:
 
     def __init__(self, sample_rate: int = 16000, max_seconds: float = 15.6, normalize: bool = True,
                  on_bad_audio: Literal["skip", "error"] = "skip",
-                 listed_skips: Sequence[tuple[str, str]] = (), skip_dir: str = "") -> None:
+                 listed_skips: Sequence[tuple[str, str]] = (), skip_dir: str = "", pad_multiple: int = 0) -> None:
         self.sample_rate, self.max_samples = sample_rate, int(max_seconds * sample_rate)
+        self.pad_multiple = pad_multiple
         self.normalize, self.on_bad_audio = normalize, on_bad_audio
         self.listed_skips, self.skip_dir = tuple(listed_skips), skip_dir
         self.warnings = SkipWarnings("audio", NAMED_IN_WARNINGS)
@@ -210,7 +231,8 @@ class AudioCollator:
     @classmethod
     def from_config(cls, cfg: AudioDataConfig, listed_skips: Sequence[tuple[str, str]] = (),
                     skip_dir: str = "") -> AudioCollator:
-        return cls(cfg.sample_rate, cfg.max_seconds, cfg.normalize, cfg.on_bad_audio, listed_skips, skip_dir)
+        return cls(cfg.sample_rate, cfg.max_seconds, cfg.normalize, cfg.on_bad_audio, listed_skips, skip_dir,
+                   cfg.pad_multiple)
 
     def _skip(self, err: BadAudio) -> None:
         self.warnings.skip(err)
@@ -243,7 +265,7 @@ class AudioCollator:
         if not waves:
             raise DataError(f"none of the {len(real)} utterances in a batch could be used, e.g. {first_error}")
         lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-        values = torch.zeros(len(waves), int(lengths.max()))
+        values = torch.zeros(len(waves), padded_length(int(lengths.max()), self.pad_multiple, self.max_samples))
         for i, w in enumerate(waves):
             values[i, : len(w)] = torch.from_numpy(w)
         mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]
@@ -336,8 +358,9 @@ class AudioSkips:
 
 # ------------------------------------------------------------------------------- batching
 def duration_batches(lengths: np.ndarray, max_batch_samples: int, rng: np.random.Generator | None,
-                     bucket_width: float = 0.05) -> list[list[int]]:
-    """Indices cut into batches whose padded size (longest x count) fits ``max_batch_samples``.
+                     bucket_width: float = 0.05, pad_multiple: int = 0, pad_cap: int = 0) -> list[list[int]]:
+    """Indices cut into batches whose padded size (the longest, rounded up as the collator does:
+    `padded_length` with ``pad_multiple`` and ``pad_cap``, x count) fits ``max_batch_samples``.
 
     With ``rng``: shuffled within log-spaced length buckets (``bucket_width`` apart), ordered by
     bucket, cut greedily, then the batch order shuffled. Without: in length order (eval).
@@ -353,7 +376,7 @@ def duration_batches(lengths: np.ndarray, max_batch_samples: int, rng: np.random
     longest = 0
     for i in order.tolist():
         n = int(lengths[i])
-        if current and max(longest, n) * (len(current) + 1) > max_batch_samples:
+        if current and padded_length(max(longest, n), pad_multiple, pad_cap) * (len(current) + 1) > max_batch_samples:
             batches.append(current)
             current, longest = [], 0
         current.append(i)
@@ -388,6 +411,8 @@ class DurationBatchSampler(ShardedBatches):
         world_size: int = 1,
         split_tag: int = 0,
         bucket_width: float = 0.05,
+        pad_multiple: int = 0,
+        pad_cap: int = 0,
     ) -> None:
         super().__init__(seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size,
                          split_tag=split_tag)
@@ -397,17 +422,19 @@ class DurationBatchSampler(ShardedBatches):
         if self.lengths.max() > max_batch_samples:
             raise ValueError(f"an utterance of {self.lengths.max()} samples exceeds max_batch_samples={max_batch_samples}")
         self.max_batch_samples, self.bucket_width = max_batch_samples, bucket_width
+        self.pad_multiple, self.pad_cap = pad_multiple, pad_cap
 
     def _make_batches(self) -> list[list[int]]:
         rng = np.random.default_rng(batch_seed(self.seed, self.split_tag, self.epoch)) if self.shuffle else None
-        return duration_batches(self.lengths, self.max_batch_samples, rng, self.bucket_width)
+        return duration_batches(self.lengths, self.max_batch_samples, rng, self.bucket_width, self.pad_multiple,
+                                self.pad_cap)
 
     def padding_fraction(self) -> float:
         """Share of padded samples in this epoch's batches (over all processes)."""
         padded = real = 0
         for batch in self.global_batches():
             lens = self.lengths[batch]
-            padded += int(lens.max()) * len(batch)
+            padded += padded_length(int(lens.max()), self.pad_multiple, self.pad_cap) * len(batch)
             real += int(lens.sum())
         return 1.0 - real / padded
 
@@ -442,7 +469,8 @@ class AudioDataset(DatasetView):
         """``batch_size`` is ignored: the samples budget (``max_batch_samples``) sizes the batches."""
         return DurationBatchSampler(
             self.lengths, self.cfg.max_batch_samples, seed=seed, shuffle=shuffle, drop_last=drop_last,
-            rank=rank, world_size=world_size, split_tag=split_tag,
+            rank=rank, world_size=world_size, split_tag=split_tag, pad_multiple=self.cfg.pad_multiple,
+            pad_cap=self.cfg.max_samples,
         )
 
 

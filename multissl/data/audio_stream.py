@@ -101,7 +101,9 @@ class DurationStream(BufferedStream):
         keep = np.flatnonzero(lengths >= 0)
         self._pending += [{**chunk[i], SKIP_KEY: too_short_reason(measured[i][1], self.cfg.min_seconds)}
                           for i in np.flatnonzero(lengths < 0).tolist()]
-        batches = [[int(keep[i]) for i in batch] for batch in duration_batches(lengths[keep], self.cfg.max_batch_samples, rng)]
+        batches = [[int(keep[i]) for i in batch] for batch in duration_batches(lengths[keep], self.cfg.max_batch_samples, rng,
+                                                                                      pad_multiple=self.cfg.pad_multiple,
+                                                                                      pad_cap=self.cfg.max_samples)]
         if batches and self._pending:
             first = len(chunk)
             chunk.extend(self._pending)
