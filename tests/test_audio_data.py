@@ -345,8 +345,9 @@ def test_streaming_prepare_reads_nothing_up_front(corpus: Path) -> None:
 # ------------------------------------------------------------------------------- padding to a multiple
 def test_padded_length_rounds_up_but_not_past_the_crop() -> None:
     assert padded_length(17_000, 8_000, 80_000) == 24_000 and padded_length(16_000, 8_000, 80_000) == 16_000
-    assert padded_length(77_000, 8_000, 80_000) == 80_000  # capped at the crop length, not 80_000 -> 80_000 rounded
-    assert padded_length(75_000, 8_000, 78_000) == 78_000 and padded_length(17_000, 0, 80_000) == 17_000
+    assert padded_length(77_000, 8_000, 80_000) == 80_000
+    assert padded_length(75_000, 8_000, 78_000) == 78_000  # 80_000 rounded, capped at the crop length
+    assert padded_length(17_000, 0, 80_000) == 17_000
     assert padded_length(17_000, 8_000) == 24_000
 
 
@@ -359,7 +360,7 @@ def test_batches_padded_to_a_multiple_keep_the_budget_and_few_shapes(tmp_path: P
     widths = set()
     for batch in _epoch(rounded):
         width = padded_length(int(LENGTHS[[i for i, _ in batch]].max()), SR // 2, cap)
-        assert width * len(batch) <= BUDGET and width % (SR // 2) == 0 or width == cap
+        assert width * len(batch) <= BUDGET and (width % (SR // 2) == 0 or width == cap)
         widths.add(width)
     assert len(widths) <= 18 < len({int(LENGTHS[[i for i, _ in b]].max()) for b in _epoch(plain)})
     assert plain.padding_fraction() < rounded.padding_fraction() < plain.padding_fraction() + 0.1
