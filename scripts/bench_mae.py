@@ -58,12 +58,13 @@ What differs, and why:
   global generator. Data order and crops come from other generators too (ours: a seed per batch;
   theirs: ``Trainer``'s sampler and the global RNGs). Same distributions, not the same pixels or
   masks; the held-out loss below uses one fixed noise for both;
-* decoding: ours decodes each batch's PNG bytes in its collator; theirs through ``datasets``'
-  ``Image`` feature, after ``load_dataset("imagefolder")`` builds its Arrow cache (a fresh cache
+* decoding and views: ours decodes each batch's PNG files in its collator, crops with PIL directly
+  (``multissl.data.crops``: the same box rule and pixels as torchvision's, without its per-call
+  overhead) and converts and normalises the stacked batch once; theirs decodes through ``datasets``'
+  ``Image`` feature and runs the torchvision ``Compose`` image by image, after ``load_dataset("imagefolder")`` builds its Arrow cache (a fresh cache
   folder per run, so every run pays it, counted in the wall time, not in steady-state samples/s);
 * what each loop adds to a step: ours computes the global gradient norm (even with clipping off),
-  recomputes the loss outside the model (``ViTMAEForPreTraining`` computes it too, unused), counts
-  samples and checks for a stop signal; ``Trainer`` runs its callbacks and NaN filter. Both log
+  counts samples and checks for a stop signal; ``Trainer`` runs its callbacks and NaN filter. Both log
   every ``log_every`` steps (ours to metrics.jsonl, theirs to its state and, with tqdm off, stdout). At the end ours writes a
   checkpoint (model and optimizer state) and exports the encoder as a ``ViTModel`` with its image
   processor and a model card; theirs saves the whole model with its image processor and its state

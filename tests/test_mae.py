@@ -86,6 +86,11 @@ def test_loss_equals_transformers_own_and_only_hidden_patches_count(norm_pix: bo
     torch.testing.assert_close(out.mask, (noise.argsort(1).argsort(1) >= 4).float())
     ours = masked_patch_mse(out.logits, model.patchify(x), out.mask, norm_pix)
     torch.testing.assert_close(ours, out.loss)
+    # the objective trains on the model's own loss: under bf16 autocast it stays float32 and the same
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(pixel_values=x, noise=noise)
+    assert half.loss.dtype == torch.float32
+    torch.testing.assert_close(half.loss, masked_patch_mse(half.logits, model.patchify(x), half.mask, norm_pix))
 
 
 def test_collator_masks_come_from_the_batch_generator() -> None:

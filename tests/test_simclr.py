@@ -95,6 +95,34 @@ def test_views_are_seeded_per_batch_and_bad_images_counted(tmp_path: Path) -> No
         collate([s for s in samples if s["path"].endswith("broken.png")], torch.Generator().manual_seed(0))
 
 
+def test_a_batch_is_finished_once_with_the_values_of_the_per_image_transform(tmp_path: Path) -> None:
+    """The collator converts and normalises the stacked uint8 batch once; that must give exactly what
+    the whole transform gives image by image under the same seeds, and a view leaves out every step
+    whose probability is 0 (one fewer random draw and call per image)."""
+    from torchvision.transforms import v2
+
+    from multissl.data.images import decode_and_transform, load_image, seeded_rngs
+
+    folder = _folder(tmp_path / "imgs")
+    train, _ = prepare_images(ImageDataConfig(files=[str(folder)], validation_fraction=0.0))
+    samples = rows(train.data, list(range(len(train))))
+    cfg = AugmentConfig(size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), blur=0.5, solarize=0.3)
+    transform = view_transform(cfg)
+    g = torch.Generator().manual_seed(3)
+    _, (batch,), _ = decode_and_transform(samples, [transform], g)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    whole = v2.Compose([*transform.per_image.transforms, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(list(cfg.mean), list(cfg.std))])
+    with seeded_rngs(seed):
+        one_by_one = torch.stack([whole(load_image(s["path"])) for s in samples])
+    assert batch.dtype == torch.float32 and torch.equal(batch, one_by_one)
+    with seeded_rngs(seed):
+        assert torch.equal(transform(load_image(samples[0]["path"])), one_by_one[0])
+    plain = view_transform(AugmentConfig(size=16, flip=0.0, jitter=0.0, grayscale=0.0))
+    assert [type(t).__name__ for t in plain.per_image.transforms] == ["RandomResizedCrop"]
+    assert len(transform.per_image.transforms) == 6
+
+
 def _recipe_args(out: Path, steps: int, **extra: object) -> list[str]:
     args = [f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.batch_size=64", "trainer.log_every=5",
             "trainer.progress_bar=false", "trainer.trackers=[]", "probe.max_train=500", "probe.max_eval=300",

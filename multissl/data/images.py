@@ -127,22 +127,60 @@ def decode_or_skip(samples: list[dict[str, Any]], on_bad_image: str = "skip",
     return kept, skipped
 
 
+class PixelPipeline:
+    """PIL steps per image, then one conversion of the whole batch to a float tensor, scaled to [0, 1]
+    and normalised (`finish`). Per-image ``PILToTensor``, ``ToDtype`` and ``Normalize`` calls cost more
+    than the crop on small images (about 12 of 23 ms for 128 views of 32 pixels); on the stacked batch
+    they are one op each, with the same values. Called on one image, it is the whole transform."""
+
+    def __init__(self, steps: list[Any], mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]
+                 ) -> None:
+        from torchvision.transforms import v2
+
+        self.per_image = v2.Compose(steps) if steps else (lambda img: img)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return self.finish([self.per_image(img)])[0]
+
+    def finish(self, images: list[Any]) -> torch.Tensor:
+        """PIL images of one size -> float32 ``(B, 3, H, W)`` scaled to [0, 1], normalised by ``mean``/``std``."""
+        from torchvision.transforms.v2 import functional as F
+
+        arrays = [np.asarray(img if img.mode == "RGB" else img.convert("RGB")) for img in images]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"PixelPipeline({self.per_image}, mean={self.mean}, std={self.std})"
+
+
 def decode_and_transform(samples: list[dict[str, Any]], transforms: list[Any], generator: torch.Generator,
                          on_bad_image: str = "skip", max_pixels: int = 64_000_000, allow_empty: bool = False
-                         ) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]], int]:
-    """``(kept samples, [[transform(image) per kept image] per transform], skipped)``: what every image
-    collator does first. Bad images are skipped as `decode_or_skip` does; one seed is drawn from the
-    batch's ``generator`` and every transform runs under `seeded_rngs` of it (all transforms of an
-    image before the next image), so a batch is the same in any worker and after a resume. The
-    generator can be drawn from again afterwards (MAE's mask noise)."""
+                         ) -> tuple[list[dict[str, Any]], list[torch.Tensor], int]:
+    """``(kept samples, [batch (B, ...) per transform], skipped)``: what every image collator does
+    first. Bad images are skipped as `decode_or_skip` does; one seed is drawn from the batch's
+    ``generator`` and every transform runs under `seeded_rngs` of it (all transforms of an image
+    before the next image), so a batch is the same in any worker and after a resume. A
+    `PixelPipeline` runs its per-image steps here and finishes the stacked batch once. With no
+    usable image each batch has no rows (shaped as the transform's output). The generator can be
+    drawn from again afterwards (MAE's mask noise)."""
     kept, skipped = decode_or_skip(samples, on_bad_image, max_pixels, allow_empty)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
+    steps = [t.per_image if isinstance(t, PixelPipeline) else t for t in transforms]
+    outputs: list[list[Any]] = [[] for _ in transforms]
     with seeded_rngs(seed):  # once a batch: the transforms draw from the global generators
         for _, img in kept:
-            for out, transform in zip(outputs, transforms):
-                out.append(transform(img))
-    return [sample for sample, _ in kept], outputs, skipped
+            for out, step in zip(outputs, steps):
+                out.append(step(img))
+    batches = [_stacked(out, transform) for out, transform in zip(outputs, transforms)]
+    return [sample for sample, _ in kept], batches, skipped
+
+
+def _stacked(outputs: list[Any], transform: Any) -> torch.Tensor:
+    if not outputs:
+        return blank_output(transform)[None][:0]
+    return transform.finish(outputs) if isinstance(transform, PixelPipeline) else torch.stack(outputs)
 
 
 def blank_output(transform: Any) -> torch.Tensor:

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from multissl.data.crops import RandomHorizontalFlip, RandomResizedCrop
 from multissl.data.image_data import ImageDataConfig, ImageDataset, prepare_images
-from multissl.data.images import blank_output, decode_and_transform, skipped_ids
+from multissl.data.images import PixelPipeline, decode_and_transform, skipped_ids
 from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
@@ -389,13 +390,11 @@ def train_transform(cfg: ClassifierAugmentConfig, size: int | tuple[int, int], m
                     std: tuple[float, ...]) -> Any:
     """PIL RGB image -> normalised tensor (3, size, size) (or (3, height, width)): random resized crop,
     optional flip (PIL-side ops, several times faster than tensor kernels on small images)."""
-    from torchvision.transforms import v2
 
-    steps: list[Any] = [v2.RandomResizedCrop(size, scale=tuple(cfg.scale), antialias=True)]
+    steps: list[Any] = [RandomResizedCrop(size, scale=tuple(cfg.scale))]
     if cfg.flip > 0:
-        steps.append(v2.RandomHorizontalFlip(cfg.flip))
-    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+        steps.append(RandomHorizontalFlip(cfg.flip))
+    return PixelPipeline(steps, mean, std)
 
 
 # ------------------------------------------------------------------------------- objective
@@ -417,8 +416,7 @@ class LabelledImageCollator:
         paths = [str(sample["path"]) for sample in kept]
         kept_ids = {id(sample) for sample in kept}
         bad = [str(sample["path"]) for sample in samples if id(sample) not in kept_ids]
-        stacked = torch.stack(pixels) if pixels else blank_output(self.transform)[None][:0]
-        return {"pixel_values": stacked, "labels": torch.tensor(labels, dtype=torch.long),
+        return {"pixel_values": pixels, "labels": torch.tensor(labels, dtype=torch.long),
                 "path": paths, "skipped": skipped, "skipped_ids": skipped_ids(bad)}
 
 
