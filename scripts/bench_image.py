@@ -116,7 +116,7 @@ SIDES = ("multissl", "lightly")
 LIGHTLY_METHODS = ("simclr", "byol", "dino")
 METHODS = (*LIGHTLY_METHODS, "mae")
 CONFIG_CLASS = {"simclr": "SimCLRConfig", "byol": "BYOLConfig", "dino": "DINOConfig", "mae": "MAEConfig"}
-SEED, KNN_K, EVAL_BATCH = 0, 20, 256
+KNN_K, EVAL_BATCH = 20, 256
 # our view_transform's colour jitter: brightness, contrast, saturation 0.8 x strength, hue 0.2 x strength
 JITTER = {"cj_bright": 0.8, "cj_contrast": 0.8, "cj_sat": 0.8, "cj_hue": 0.2}
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -326,7 +326,7 @@ def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
 
     method, cfg = plan["method"], plan["cfg"]
     t, b = cfg["trainer"], cfg["model"]["backbone"]
-    torch.manual_seed(SEED)
+    torch.manual_seed(t["seed"])
     backbone = timm.create_model(b["name"], pretrained=False, num_classes=0, **b["kwargs"])
     backbone.load_state_dict(torch.load(plan["init"])["state_dict"])
     model = _lightly_model(plan, backbone)
@@ -447,11 +447,11 @@ def prepare_images(work: Path) -> tuple[Path, int]:
     return folder, len(train)
 
 
-def prepare_init(work: Path, backbone_cfg: Any) -> Path:
+def prepare_init(work: Path, backbone_cfg: Any, seed: int) -> Path:
     """The backbone's initial weights, built as our trainer builds them: right after seeding."""
     from multissl.models.backbones import build_backbone
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     net = build_backbone(backbone_cfg)
     path = work / "init.pt"
     torch.save({"state_dict": net.state_dict(), "matrices": [n for n, p in net.named_parameters() if p.ndim >= 2]},
@@ -536,7 +536,7 @@ def recipe_overrides(method: str, args: argparse.Namespace, train_dir: Path) -> 
         f"data.files={json.dumps([str(train_dir)])}",
         "data.validation_fraction=0",
         "probe.task=",
-        f"trainer.seed={SEED}",
+        f"trainer.seed={args.seed}",
         f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={args.batch_size}",
         f"trainer.lr={_yaml_number(preset.trainer.lr)}",
@@ -614,6 +614,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers on both sides")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights, data order and augmentations on both sides (run a few to see the kNN spread)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_image.json"), help="JSON of all runs")
     parser.add_argument("--smoke", action="store_true", help="2 steps, batch 16, 1 repeat: does it run end to end")
     parser.add_argument("--side", choices=sorted({*SIDES, *bench_mae.SIDES}), help=argparse.SUPPRESS)
@@ -657,14 +659,14 @@ def main() -> None:
     if len(backbones) > 1:
         sys.exit(f"the methods' presets use different backbones: {backbones}")
     if lightly_plans:
-        prepare_init(work, lightly_plans[0][1].model.backbone)
+        prepare_init(work, lightly_plans[0][1].model.backbone, args.seed)
     if "mae" in plans:
         bench_mae.prepare_init(*plans["mae"])
     print(f"{n_train} training images in {train_dir}; {args.steps} steps, batch {args.batch_size}, "
           f"{args.threads} threads, {args.workers} workers, {args.repeats} repeats, methods {', '.join(methods)}",
           flush=True)
 
-    report: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("steps", "batch_size", "repeats", "threads",
+    report: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("steps", "batch_size", "repeats", "threads", "seed",
                                                                           "workers")}, "methods": {}}
     tables = []
     for method, (plan, _) in plans.items():
@@ -703,7 +705,7 @@ def main() -> None:
             f"{checks['lr_max_diff']:.3g} / {checks['weight_decay_max_diff']:.3g}\n\n"
             + median_table(runs, SIDES, ROWS, ratio_keys=("samples_per_s", "peak_rss_mb")))
         report["methods"][method]["table"] = tables[-1]
-    text = (f"CPU, {args.threads} threads, {args.workers} DataLoader workers, fp32, {args.repeats} repeat(s) "
+    text = (f"CPU, {args.threads} threads, {args.workers} DataLoader workers, fp32, seed {args.seed}, {args.repeats} repeat(s) "
             "(median [min-max]), sides alternated\n" + "\n".join(tables))
     print("\n" + text)
     out = Path(args.out)

@@ -228,7 +228,7 @@ def _train_transformers(plan: dict[str, Any], out: Path) -> dict[str, torch.Tens
         adam_epsilon=t["adam_eps"], optim="adamw_torch_fused", max_grad_norm=t["max_grad_norm"], **schedule,
         dataloader_num_workers=plan["workers"], dataloader_drop_last=True, remove_unused_columns=False,
         logging_steps=t["log_every"], save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=True, seed=SEED, **workers)
+        use_cpu=True, seed=t["seed"], **workers)
     total_train_batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     args.learning_rate = base_learning_rate * total_train_batch_size / 256
 
@@ -360,7 +360,7 @@ def prepare_init(plan: dict[str, Any], cfg: Any) -> None:
     and their held-out loss (the reference both sides start from)."""
     from multissl.objectives.mae import build_mae
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(cfg.trainer.seed)
     model = build_mae(cfg.model, cfg.loss, cfg.augment.size)
     state = model.state_dict()
     torch.save({"state_dict": state, "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
