@@ -4,9 +4,12 @@ The reference is ``examples/pytorch/speech-pretraining/run_wav2vec2_pretraining_
 `transformers`, reimplemented here (``hf_example``): a fixed number of utterances per batch in random
 order, each decoded, cropped and normalised by ``Wav2Vec2FeatureExtractor``, padded by its ``pad``,
 then numpy span masks (``_compute_mask_indices``) and distractors (``_sample_negative_indices``) per
-batch, the model's own loss divided by the masked frames, the example's Gumbel annealing. Our side
+batch, the model's own loss divided by the masked frames, the example's Gumbel annealing, on
+transformers' own ``Wav2Vec2ForPreTraining`` (checked: no multissl module in it). Our side
 (``multissl``) is the real recipe: ``prepare_audio`` (duration batches under a samples budget), the
-``Wav2Vec2Pretraining`` objective and our ``Trainer``, with the recipe's optimizer settings.
+``Wav2Vec2Pretraining`` objective and our ``Trainer``, with the recipe's optimizer settings and
+model (its feature encoder's layer-norm conv layers in our faster layout, ``multissl.models.conv_features``:
+the same parameters and function).
 
 Both sides start from the same weights (made once here and loaded by each side), train on the same
 utterances (the training split of the embedded speech demo corpus) for the same number of steps
@@ -35,6 +38,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -340,10 +344,16 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     if side == "multissl":
         _train_multissl(objective, train, args.steps, tally)
     else:
-        # A plain model: our objective's feature-encoder hook (gradient scale, penalty) is not the example's.
-        set_seed(SEED)
-        model = build_wav2vec2(model_cfg, loss_cfg)
+        # A plain model, as the example builds it: transformers' own class from the same config (not our
+        # feature-encoder layout, `multissl.models.conv_features`, nor our objective's gradient-scale hook).
+        from transformers import Wav2Vec2ForPreTraining
+
+        config = build_wav2vec2(model_cfg, loss_cfg).config
+        set_seed(SEED)  # then one model built, as before: the global stream (Gumbel noise) starts where it did
+        model = Wav2Vec2ForPreTraining(config)
         model.load_state_dict(init)
+        if any(type(m).__module__.startswith("multissl") for m in model.modules()):
+            sys.exit("the example's side must run transformers' own modules only")
         _train_hf_example(model, train, args.steps, args.batch_size, data_cfg.max_samples, loss_cfg, tally)
         objective.model.load_state_dict(model.state_dict())
     result = {"side": side, **tally.summary(), **_evaluate(objective, held_out)}

@@ -27,6 +27,7 @@ from multissl.data.audio import AudioDataset, AudioSkips
 from multissl.data.audio_tasks import LabelledAudioDataConfig, prepare_labelled_audio
 from multissl.data.labels import LabelMap, infer_label_map
 from multissl.errors import ConfigError, DataError
+from multissl.models.conv_features import activation_before_transpose
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
@@ -148,6 +149,7 @@ def build_audio_classifier(cfg: AudioClassifierModelConfig, labels: LabelMap) ->
         model.freeze_base_model()
     elif cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
+    activation_before_transpose(model)
     return model, source
 
 

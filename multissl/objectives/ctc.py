@@ -28,6 +28,7 @@ from multissl.data.audio import AudioDataset, AudioSkips
 from multissl.data.audio_tasks import NAMED_IN_WARNINGS, LabelledAudioDataConfig
 from multissl.errors import ConfigError, DataError
 from multissl.metrics import Mean
+from multissl.models.conv_features import activation_before_transpose
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import (
     LOWER_IS_BETTER,
@@ -239,7 +240,7 @@ def build_ctc_model(cfg: CTCModelConfig, vocab: dict[str, int]) -> tuple[nn.Modu
         model, source = Wav2Vec2ForCTC(config), ""
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    return model, source
+    return activation_before_transpose(model), source
 
 
 # ------------------------------------------------------------------------------- decoding, metrics

@@ -20,6 +20,7 @@ from torch import nn
 from multissl.data.audio import AudioSkips
 from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
+from multissl.models.conv_features import activation_before_transpose
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
 
 # hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
@@ -160,7 +161,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
 
     if cfg.init_from:
         try:
-            return Wav2Vec2ForPreTraining.from_pretrained(cfg.init_from)
+            return activation_before_transpose(Wav2Vec2ForPreTraining.from_pretrained(cfg.init_from))
         except Exception as err:
             raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({first_line(err)})") from None
     h, layers, heads, ffn, conv, codevectors = W2V_SIZES[cfg.size]
@@ -178,7 +179,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
         layerdrop=0.0, mask_time_prob=loss.mask_prob, mask_time_length=loss.mask_length,
         num_conv_pos_embeddings=16 if cfg.size == "tiny" else 128, num_conv_pos_embedding_groups=16 if h % 16 == 0 else 1,
     )
-    return Wav2Vec2ForPreTraining(config)
+    return activation_before_transpose(Wav2Vec2ForPreTraining(config))
 
 
 @dataclass
