@@ -317,6 +317,19 @@ def _lightly_criterion(plan: dict[str, Any]) -> nn.Module:
                     center_momentum=loss["center_momentum"])
 
 
+def seed_lightly_generators(seed: int) -> None:
+    """Seed every generator lightly's example loop draws from: torch's (order, crops, jitter) and
+    numpy's, which lightly's own solarisation and blur draw from (``np.random.random_sample``);
+    left unseeded, BYOL's and DINO's views, and so their kNN accuracy, change from run to run."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
     """lightly's example loop for the method with our settings; returns the exported backbone's weights."""
     import timm
@@ -326,7 +339,7 @@ def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
 
     method, cfg = plan["method"], plan["cfg"]
     t, b = cfg["trainer"], cfg["model"]["backbone"]
-    torch.manual_seed(t["seed"])
+    seed_lightly_generators(t["seed"])
     backbone = timm.create_model(b["name"], pretrained=False, num_classes=0, **b["kwargs"])
     backbone.load_state_dict(torch.load(plan["init"])["state_dict"])
     model = _lightly_model(plan, backbone)
