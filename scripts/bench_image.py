@@ -72,8 +72,8 @@ What differs, and why:
   beyond its examples (AdamW groups, lr and weight-decay schedules, per-step momentum, DINO's
   clipping and frozen last layer);
 * randomness: data order and augmentation draws come from other generators (ours: a seed per
-  batch; lightly: the global torch and numpy generators), so the runs see the same distributions,
-  not the same pixels. Our side decodes images in its collator; lightly's in ``ImageFolder``;
+  batch; lightly: the global torch, numpy and ``random`` generators, all seeded with the run's
+  seed), so the runs see the same distributions, not the same pixels; each side repeats exactly. Our side decodes images in its collator; lightly's in ``ImageFolder``;
 * the EMA: ours updates the target after each optimizer step (``torch._foreach_lerp_``), lightly's
   ``update_momentum`` before the next forward; the sequence of targets is the same.
 

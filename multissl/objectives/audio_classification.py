@@ -31,6 +31,7 @@ from multissl.models.conv_features import activation_before_transpose
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
+from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 WAV2VEC2_TYPES = ("wav2vec2",)
 LABEL_COLUMN = "label"
@@ -192,6 +193,7 @@ class LabelledAudioCollator:
 class AudioClassification(Objective):
     """Cross-entropy over clip-level labels; accuracy and macro-F1; one prediction row per eval clip."""
 
+    unshardable = WAV2VEC2_UNSHARDABLE
     name = "audio-classification"
     best_metric = "accuracy"
 

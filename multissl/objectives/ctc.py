@@ -37,6 +37,7 @@ from multissl.training.objective import (
     TrainContext,
     lower_is_better_by_name,
 )
+from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 PAD, UNK, DELIMITER = "<pad>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, UNK, DELIMITER)  # ids 0, 1, 2; characters follow in sorted order
@@ -300,6 +301,7 @@ class TranscriptCollator:
 class SpeechRecognition(Objective):
     """CTC loss on ``Wav2Vec2ForCTC``; eval adds greedy-decoded WER/CER and one prediction per utterance."""
 
+    unshardable = WAV2VEC2_UNSHARDABLE
     name = "speech-recognition"
     # CER picks the exported model: a tiny model gets most words partly wrong for a long time (WER
     # sits near 1.0 while CER falls), and at any scale CER still ranks models whose WERs tie.

@@ -22,6 +22,7 @@ from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
 from multissl.models.conv_features import activation_before_transpose
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
+from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 # hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
 # with 2 x 64 its codes change almost every frame and stay unpredictable for a model this size.
@@ -207,6 +208,7 @@ class SpanMaskingCollator:
 class Wav2Vec2Pretraining(Objective):
     """Contrastive + diversity loss over masked frames; audio batches from an audio collator."""
 
+    unshardable = WAV2VEC2_UNSHARDABLE
     name = "wav2vec2"
     modality = "audio"
 

@@ -102,6 +102,8 @@ class Objective:
     """The eval metric that picks the exported model (fine-tuning tasks); empty = the last model."""
     modality: Modality | None = None
     """What ``features`` takes: texts, waveforms/paths, or images/paths; None = no encoder to probe."""
+    unshardable: str = ""
+    """Why FSDP cannot train this objective's model, when it cannot: the trainer refuses with it."""
     broadcast_buffers: bool = True
     """Under DDP, copy rank 0's buffers (batch-norm statistics) to every process before each forward.
     An objective that forwards the model more than once per step (DINO's crops of two sizes) sets

@@ -10,6 +10,7 @@ resume exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from multissl import config as config_lib
 from multissl.errors import ConfigError, OutputError, TrainingError, TrainingInterrupted, first_line
 from multissl.full_disk import is_out_of_space, no_space_error
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
+from multissl.training import sharding
 from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
 from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
@@ -42,24 +44,6 @@ PREDICTIONS_FILE = "predictions.jsonl"  # the exported model's predictions on th
 SKIP_PREFIX = "skipped_"  # count units that are running totals of dropped bad inputs, not throughput
 
 __all__ = ["FitResult", "MODEL_DIR", "Trainer", "TrainerConfig", "TrainerState", "list_checkpoints"]
-
-
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def refuse_sharded_training(distributed_type: str) -> None:
-    """Stop before any work under a sharding launcher config. The trainer exports, probes and keeps EMA
-    teachers from whole weights on the main process: under FSDP or ZeRO-3 each process holds a shard,
-    so the export would be a shard, an online probe would wait forever for the other processes, and a
-    teacher would average a shard into a whole tensor. Refusing beats a model that looks saved."""
-    kind = distributed_type.rsplit(".", 1)[-1]
-    if kind in SHARDED:
-        raise ConfigError(
-            f"the accelerate config asks for {kind}, which multissl's trainer does not support yet (its export, "
-            "online probes and EMA teachers need whole weights on one process); use DDP "
-            "(recipes/accelerate/ddp_multi_gpu.yaml or multi_node.yaml), and trainer.mixed_precision=bf16 with "
-            "trainer.gradient_checkpointing=true to fit a larger model"
-        )
 
 
 class _Checkpointed:
@@ -100,7 +84,9 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
+        fsdp_plugin = sharding.cpu_fsdp_plugin(cfg.cpu)
         self.accelerator = Accelerator(
+            fsdp_plugin=fsdp_plugin,
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum_steps,
             cpu=cfg.cpu,
@@ -109,7 +95,11 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
             ),
         )
-        refuse_sharded_training(str(self.accelerator.distributed_type))
+        sharding.fsdp_on_cpu(self.accelerator, fsdp_plugin)
+        self.sharded = sharding.is_sharded(self.accelerator)
+        sharding.refuse_unsupported(str(self.accelerator.distributed_type),
+                                    getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", None) if self.sharded else None)
+        self._replica: sharding.FullReplica | None = None
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -384,6 +374,12 @@ class Trainer:
             self._enable_gradient_checkpointing(objective)
         groups = torch_groups(objective.param_groups(objective.model), objective.model)
         optimizer = build_optimizer(cfg, groups, acc.device)
+        if self.sharded:
+            sharding.refuse_unshardable(objective.model, objective.auxiliary_modules(), objective.name,
+                                        objective.unshardable)
+            sharding.without_input_embeddings_question(objective.model)
+            if self.is_main:  # what the export and the probes are rebuilt into from the shards
+                self._replica = sharding.FullReplica(objective.model)
         model, optimizer = acc.prepare(objective.model, optimizer)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
@@ -612,13 +608,15 @@ class Trainer:
             ddp.require_forward_param_sync = False
         sums = MetricSums()
         predictions: list[dict[str, Any]] = []
-        for i, batch in enumerate(loader):
-            if self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches:
-                break
-            if counter is not None:
+        batches = (sharding.lockstep(loader, self.cfg.eval_max_batches, acc) if self.sharded
+                   else ((b, True) for b in itertools.islice(loader, self.cfg.eval_max_batches or None)))
+        for batch, real in batches:
+            if counter is not None and real:
                 counter.add({u: n for u, n in objective.count(batch).items() if u.startswith(SKIP_PREFIX)})
             with acc.autocast():
                 out = objective.compute(model, _to_device(batch, acc.device))
+            if not real:  # a stand-in forward, so that a sharded model's processes gather together
+                continue
             predictions.extend(out.pop("predictions", None) or [])
             sums.add(out)
         means = objective.summarize(sums.reduce(acc))
@@ -627,8 +625,8 @@ class Trainer:
             from accelerate.utils import gather_object
 
             predictions = gather_object(predictions)
+        exported = self._exported(objective, model)  # every process: a collective under FSDP
         if self.is_main:
-            exported = self._exported(objective, model)
             record.update({f"{tag}/{k}": v for k, v in objective.on_evaluate(exported).items()})
             for callback in self.callbacks:
                 record.update(callback.on_evaluate(self, objective, exported))
@@ -663,28 +661,37 @@ class Trainer:
         state.best = {"step": state.step, "metric": best_name, "value": value,
                       "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
         tmp = self.output_dir / f".{MODEL_DIR}.partial"
+        exported = None if is_last else self._exported(objective, model)  # the last is exported anyway
 
         def write() -> None:
             if predictions:
                 _write_jsonl(predictions_path, predictions)
-            if not is_last:  # the last is exported anyway
-                self._swap_in_model(objective, model, tmp)
+            if exported is not None:
+                self._swap_in_model(objective, exported, tmp)
 
         self._write_together(write if self.is_main else None, [_partial_file(predictions_path), tmp])
 
-    def _swap_in_model(self, objective: Objective, model: nn.Module, tmp: Path) -> None:
+    def _swap_in_model(self, objective: Objective, exported: nn.Module, tmp: Path) -> None:
         """The model written whole beside output_dir/model, then swapped in: model/ is never half a
         model, and the one it replaces stays until the new one is complete."""
         shutil.rmtree(tmp, ignore_errors=True)
-        objective.save_pretrained(self._exported(objective, model), tmp)
+        objective.save_pretrained(exported, tmp)
         fsync_tree(tmp)
         shutil.rmtree(self.output_dir / MODEL_DIR, ignore_errors=True)
         os.replace(tmp, self.output_dir / MODEL_DIR)
         fsync_path(self.output_dir)
 
     def _exported(self, objective: Objective, model: nn.Module) -> nn.Module:
+        """What is exported, probed and described. Under FSDP a collective (every process calls it):
+        the main process gets a whole copy, on CPU, rebuilt from every process's shard; the others
+        their own sharded model."""
         unwrapped = self.accelerator.unwrap_model(model)
-        return objective.export(getattr(unwrapped, "_orig_mod", unwrapped))
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        if self.sharded:
+            whole = sharding.full_state_dict(unwrapped)
+            if self._replica is not None:
+                unwrapped = self._replica.materialise(whole)
+        return objective.export(unwrapped)
 
     def _export(self, objective: Objective, model: nn.Module, state: TrainerState, final_metrics: dict[str, Any],
                 kept_step: int | None = None) -> None:
@@ -697,8 +704,9 @@ class Trainer:
             self.print(f"exported the model of step {kept_step}, the best by eval/{state.best['metric']} "
                        f"({state.best['value']:.4g})")
         tmp = self.output_dir / f".{MODEL_DIR}.partial"
-        self._write_together((lambda: self._swap_in_model(objective, model, tmp)) if self.is_main and not kept else None,
-                             [tmp])
+        exported = None if kept else self._exported(objective, model)
+        self._write_together((lambda: self._swap_in_model(objective, exported, tmp)) if self.is_main and exported is not None
+                             else None, [tmp])
 
         def on_export() -> None:  # the card and its figures, into the final model/
             for callback in self.callbacks:

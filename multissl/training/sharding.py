@@ -1,0 +1,184 @@
+"""Sharded training (FSDP2 through Accelerate): what the trainer needs beyond DDP.
+
+Under FSDP every process holds a shard of each weight, so three things the trainer does from whole
+weights on the main process need help here:
+
+* the export, online probes and model card read a `FullReplica`: a weightless copy of the model
+  taken before sharding, filled on the main process from the full state dict that every process
+  helps gather (``torch.distributed.checkpoint``'s ``get_model_state_dict``);
+* evaluation forwards in lockstep (`lockstep`): an FSDP forward all-gathers each layer's weights,
+  so a process that has run out of eval batches forwards a stand-in batch, scored as nothing,
+  until the last process is done;
+* EMA teachers and queues (BYOL, MoCo, DINO) would average a shard into a whole tensor: those
+  objectives are refused (`refuse_unshardable`, with models that have scalar parameters, which
+  ``fully_shard`` cannot split: CLIP's temperature), as are DeepSpeed, Megatron-LM and FSDP1
+  (`refuse_unsupported`).
+
+Accelerate 1.16 turns FSDP on only for accelerator devices; on CPU processes (gloo) it would start
+processes that train plain DDP while the config says FSDP. `fsdp_on_cpu` keeps the config's promise
+there, which is also how the suite tests the sharded path without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from multissl.errors import ConfigError
+
+REFUSED = ("DEEPSPEED", "MEGATRON_LM")
+WAV2VEC2_UNSHARDABLE = ("transformers' wav2vec 2.0 encoder zeroes padded frames in place on its input, which FSDP2's "
+                        "backward hooks forbid")
+"""Why the wav2vec 2.0 family (pretraining, speech recognition, audio classification) trains with DDP only."""
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher's config (``accelerate launch``'s environment) asks for FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def cpu_fsdp_plugin(cpu: bool) -> Any:
+    """The FSDP plugin to hand Accelerate when FSDP is asked for on CPU processes (``cpu``,
+    ``ACCELERATE_USE_CPU`` or no GPU); None otherwise: on accelerator devices Accelerate reads the
+    launcher's environment itself."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if not (fsdp_requested() and (cpu or forced_cpu or not torch.cuda.is_available())):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()  # every field from the launcher's FSDP_* environment
+
+
+def fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
+    """Make a multi-process CPU run shard as its config asks (see the module docstring)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if plugin is None or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as Accelerate keeps the two
+
+
+def is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def refuse_unsupported(distributed_type: str, fsdp_version: int | None = None) -> None:
+    """Stop before any work under a launcher config the trainer cannot keep its promises under:
+    DeepSpeed and Megatron-LM (not wired in), and FSDP1 (FSDP2 is what is supported and tested)."""
+    kind = str(distributed_type).rsplit(".", 1)[-1]
+    if kind in REFUSED:
+        raise ConfigError(
+            f"the accelerate config asks for {kind}, which multissl's trainer does not support yet; use FSDP2 "
+            "(recipes/accelerate/fsdp2_full_shard.yaml) or DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
+    if kind == "FSDP" and fsdp_version != 2:
+        raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; multissl shards with "
+                          "FSDP2: set fsdp_version: 2 (as recipes/accelerate/fsdp2_full_shard.yaml does)")
+
+
+def refuse_unshardable(model: nn.Module, auxiliary: Iterable[str], objective: str, reason: str = "") -> None:
+    """Under FSDP, stop an objective that says why it cannot be sharded (``reason``), that keeps
+    modules beside its trained model (an EMA teacher or a queue of keys: updating them would need
+    the whole online weights every step), or whose model has a scalar parameter (``fully_shard``
+    shards along a dimension; CLIP's ``logit_scale`` has none)."""
+    if reason:
+        raise ConfigError(f"{objective} cannot train under FSDP: {reason}; train it with DDP "
+                          "(recipes/accelerate/ddp_multi_gpu.yaml)")
+    names = sorted(auxiliary)
+    if names:
+        raise ConfigError(
+            f"{objective} keeps {', '.join(names)} beside the trained model (an EMA teacher or a queue), which "
+            "FSDP would have to rebuild from shards every step; train it with DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
+    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+    if scalars:
+        raise ConfigError(f"{objective}'s model has scalar parameters ({', '.join(scalars)}), which FSDP2 cannot "
+                          "shard; train it with DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
+
+
+def without_input_embeddings_question(model: nn.Module) -> None:
+    """Accelerate's FSDP2 preparation asks every model for its input embeddings (to shard them on
+    their own); transformers' speech models answer with an error instead of None. They have none:
+    let them say so, on this instance only."""
+    ask = getattr(model, "get_input_embeddings", None)
+    if ask is None:
+        return
+    try:
+        ask()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: None  # type: ignore[method-assign]
+
+
+class FullReplica:
+    """A weightless copy of a model, taken before it is sharded, that becomes a whole, plain model
+    on demand: ``materialise(full_state_dict)``. Parameters live on the meta device until then (no
+    memory), buffers stay real (non-persistent ones, such as position ids, are not in a state dict),
+    and tied parameters stay tied."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.skeleton = _with_parameters(copy.deepcopy(model), "meta")
+
+    def materialise(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        model = _with_parameters(copy.deepcopy(self.skeleton), "cpu")
+        model.load_state_dict(state_dict, strict=True)
+        return model
+
+
+def _with_parameters(model: nn.Module, device: str) -> nn.Module:
+    """``model`` with every parameter replaced by an uninitialised one on ``device`` (ties kept)."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's whole state dict on the main process (on CPU), empty elsewhere. A
+    collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def lockstep(batches: Iterable[Any], limit: int, accelerator: Any) -> Iterator[tuple[Any, bool]]:
+    """``(batch, real)`` until every process has run out of ``batches`` (at most ``limit`` each, 0 =
+    no limit): a process that has run out gets ``real=False`` and its first batch again, or, if it
+    had none, the main process's first; its outputs are to be thrown away. Every process makes the
+    same number of forwards, which a sharded model's all-gathers need."""
+    from accelerate.utils import broadcast_object_list
+
+    it = iter(batches)
+    first = next(it, None)
+    own = 0 if first is None else len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if own is None:  # an iterable without a length: count it
+        rest = list(it)
+        own, it = 1 + len(rest), iter(rest)
+    if limit:
+        own = min(own, limit)
+    counts = accelerator.gather(torch.tensor([own, int(first is None)], device=accelerator.device).reshape(1, 2))
+    most, someone_has_none = int(counts[:, 0].max()), bool(counts[:, 1].max())
+    most = min(most, limit) if limit else most
+    stand_in = first
+    if someone_has_none:
+        shared = broadcast_object_list([first if accelerator.is_main_process else None])[0]
+        stand_in = first if first is not None else shared
+    for i in range(most):
+        if i == 0 and first is not None:
+            yield first, True
+        elif i < own:
+            yield next(it), True
+        else:
+            yield stand_in, False

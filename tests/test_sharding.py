@@ -1,0 +1,202 @@
+"""Sharded training (FSDP2 through Accelerate): on 2 CPU processes it trains as DDP does, step for
+step; checkpoints are sharded and resume exactly; the export is the whole model; what cannot be
+sharded is refused before any work, naming why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from multissl.errors import ConfigError
+from multissl.training import sharding
+from tests.conftest import BIN, run
+from tests.test_accelerate_configs import launcher_env
+
+BERT_LAYERS = launcher_env("fsdp2_full_shard.yaml")
+"""What ``accelerate launch --config_file recipes/accelerate/fsdp2_full_shard.yaml`` gives each
+process (its FSDP part; BertLayer units), handed to torchrun here: on CPU, ``accelerate launch``
+starts several processes only through MPI."""
+FSDP_ENV = {**BERT_LAYERS, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
+"""The same for a model without BertLayers (a ResNet): one FSDP unit, the whole model."""
+MLM = ["recipes/mlm.py", "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_every=3",
+       "trainer.progress_bar=false", "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32",
+       "trainer.batch_size=4", "trainer.grad_accum_steps=2",
+       # one eval batch in all: process 1 has none and must still join every all-gather of the forward
+       "trainer.eval_batch_size=100000", "trainer.eval_every=3"]
+IMAGE_SSL = ["trainer.max_steps=4", "trainer.batch_size=16", "trainer.log_every=1",
+          "trainer.progress_bar=false", "trainer.trackers=[]", "trainer.eval_max_batches=2", "trainer.eval_batch_size=16",
+          "trainer.eval_every=2", "augment.size=16", "model.backbone.kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 16, 32]}"]
+
+
+def _torchrun(args: list[str], out: Path, **env: str):  # noqa: ANN202 - a CompletedProcess
+    return run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args, f"trainer.output_dir={out}"],
+               timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **env)
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for out, env in ((ddp, {}), (fsdp, BERT_LAYERS)):
+        proc = _torchrun(MLM, out, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = fsdp / "checkpoints" / "step_00000003"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir(), "sharded checkpoints"
+    assert not (ckpt / "model.safetensors").exists()
+    want, got = _train_records(ddp), _train_records(fsdp)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    evals = [r for r in map(json.loads, (fsdp / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+
+    # the export is the whole model: transformers loads it, and it is DDP's to float rounding
+    from transformers import AutoModelForMaskedLM
+
+    exported = _weights(fsdp)
+    assert AutoModelForMaskedLM.from_pretrained(fsdp / "model") is not None
+    for name, tensor in _weights(ddp).items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    # killed after step 3's checkpoint: the rerun resumes from the shards and ends where the straight run did
+    shutil.rmtree(fsdp / "checkpoints" / "step_00000006")
+    shutil.rmtree(fsdp / "model")
+    again = _torchrun(MLM, fsdp, **BERT_LAYERS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step 3/6" in again.stdout
+    for name, tensor in exported.items():
+        assert torch.equal(_weights(fsdp)[name], tensor), name
+
+
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "vicreg"])
+def test_losses_over_both_processes_batches_under_fsdp_are_ddps(method: str, tmp_path: Path) -> None:
+    """NT-Xent's negatives, Barlow Twins' cross-correlation and VICReg's variance and covariance
+    come from both processes' rows (gathers that carry gradients); the loss and gradient norm are
+    DDP's at every step, and the online kNN probe runs on the whole model rebuilt from shards."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    args = [f"recipes/{method}.py", *IMAGE_SSL]
+    for out, env in ((ddp, {}), (fsdp, FSDP_ENV)):
+        proc = _torchrun(args, out, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(_train_records(ddp), _train_records(fsdp), strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    probes = [r for r in map(json.loads, (fsdp / "metrics.jsonl").read_text().splitlines()) if "probe/knn_acc" in r]
+    assert [r["step"] for r in probes] == [0, 2, 4] and all(r["probe/knn_acc"] > 0.15 for r in probes)  # chance 0.1
+    import timm
+
+    timm.create_model(f"local-dir:{fsdp / 'model'}", pretrained=True)
+
+
+def test_an_ema_teacher_under_fsdp_is_refused_before_any_work(tmp_path: Path) -> None:
+    args = ["recipes/byol.py", *IMAGE_SSL]
+    proc = _torchrun(args, tmp_path / "byol", **FSDP_ENV)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # the recipe's bad-config exit
+    assert "byol keeps target beside the trained model" in proc.stderr and "ddp_multi_gpu.yaml" in proc.stderr
+    assert not (tmp_path / "byol" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM", "DistributedType.DEEPSPEED"])
+def test_deepspeed_and_megatron_are_refused_with_the_ways_out(kind: str) -> None:
+    with pytest.raises(ConfigError, match=r"does not support yet.*fsdp2_full_shard\.yaml.*ddp_multi_gpu\.yaml"):
+        sharding.refuse_unsupported(kind)
+
+
+def test_fsdp1_is_refused_and_fsdp2_passes() -> None:
+    with pytest.raises(ConfigError, match="set fsdp_version: 2"):
+        sharding.refuse_unsupported("DistributedType.FSDP", 1)
+    sharding.refuse_unsupported("DistributedType.FSDP", 2)
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU", "DistributedType.MULTI_GPU"):
+        sharding.refuse_unsupported(kind)
+
+
+def test_what_cannot_be_sharded_is_named() -> None:
+    net = torch.nn.Linear(2, 2)
+    net.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ConfigError, match=r"scalar parameters \(logit_scale\)"):
+        sharding.refuse_unshardable(net, {}, "clip")
+    with pytest.raises(ConfigError, match="moco keeps queue, target beside"):
+        sharding.refuse_unshardable(torch.nn.Linear(2, 2), {"target": net, "queue": net}, "moco")
+    with pytest.raises(ConfigError, match="wav2vec2 cannot train under FSDP: transformers' wav2vec 2.0 encoder"):
+        sharding.refuse_unshardable(torch.nn.Linear(2, 2), {}, "wav2vec2", sharding.WAV2VEC2_UNSHARDABLE)
+    sharding.refuse_unshardable(torch.nn.Linear(2, 2), {}, "mlm")
+
+
+def test_the_wav2vec2_family_says_it_cannot_be_sharded() -> None:
+    from multissl.objectives.audio_classification import AudioClassification
+    from multissl.objectives.ctc import SpeechRecognition
+    from multissl.objectives.wav2vec2 import Wav2Vec2Pretraining
+
+    assert {c.unshardable for c in (Wav2Vec2Pretraining, SpeechRecognition, AudioClassification)} == {
+        sharding.WAV2VEC2_UNSHARDABLE}
+
+
+def test_a_full_replica_is_weightless_until_filled_and_keeps_ties_and_buffers() -> None:
+    """The copy the export is rebuilt into: parameters on the meta device (no memory) until
+    ``materialise``; then the same function as the model, tied weights still one tensor, and
+    non-persistent buffers (not in any state dict) kept."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=32)).eval()
+    replica = sharding.FullReplica(model)
+    assert all(p.is_meta for p in replica.skeleton.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # trained after the replica was taken
+    whole = replica.materialise(model.state_dict()).eval()
+    assert whole.cls.predictions.decoder.weight is whole.bert.embeddings.word_embeddings.weight
+    assert not any(p.is_meta for p in whole.parameters())
+    torch.testing.assert_close(whole.bert.embeddings.position_ids, model.bert.embeddings.position_ids)
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(whole(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+class _TwoProcesses:
+    """Enough of an Accelerator for `lockstep` on one process, pretending a second one holds
+    ``other`` batches (and has at least one, so nothing is broadcast)."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+
+    def __init__(self, other: int) -> None:
+        self.other = other
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.tensor([[self.other, 0]])])
+
+
+@pytest.mark.parametrize("own, other, limit, want", [
+    (3, 1, 0, [(0, True), (1, True), (2, True)]),
+    (1, 3, 0, [(0, True), (0, False), (0, False)]),
+    (2, 5, 4, [(0, True), (1, True), (0, False), (0, False)]),
+    (5, 5, 2, [(0, True), (1, True)]),
+])
+def test_lockstep_forwards_stand_ins_until_every_process_is_done(own: int, other: int, limit: int,
+                                                               want: list[tuple[int, bool]]) -> None:
+    got = list(sharding.lockstep(list(range(own)), limit, _TwoProcesses(other)))
+    assert got == want
+
+
+def test_fsdp_asked_for_on_cpu_gets_a_plugin_from_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert sharding.cpu_fsdp_plugin(cpu=True) is None
+    for key, value in BERT_LAYERS.items():
+        monkeypatch.setenv(key, value)
+    plugin = sharding.cpu_fsdp_plugin(cpu=True)
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["BertLayer"]
