@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> FitResult:
                   f"{labels.num_labels} labels ({', '.join(labels.names[:12])}{' ...' if labels.num_labels > 12 else ''})")
     net, base = build_image_classifier(cfg.model, labels)
     objective = ImageClassification(net, labels, cfg.augment, cfg.model.freeze_backbone, base,
-                                    cfg.data.on_bad_image, cfg.data.max_image_pixels, load_image_processor(cfg.model))
+                                    cfg.data.on_bad_image, cfg.data.max_image_pixels, load_image_processor(cfg.model),
+                                    cfg.model.layer_decay)
     return trainer.fit(objective, train, held_out)
 
 

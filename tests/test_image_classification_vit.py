@@ -264,3 +264,15 @@ def test_lift_runs_both_arms(tmp_path: Path, digits: Path, pretrained: Path) -> 
         assert (folder / "preprocessor_config.json").is_file()
         weights[r["arm"]] = _encoder_weights(folder.parent)["embeddings.patch_embeddings.projection.weight"]
     assert not torch.allclose(weights["pretrained"], weights["from scratch"])
+
+
+def test_layer_decay_trains_earlier_layers_slower(pretrained: Path, digits: Path, tmp_path: Path) -> None:
+    """``model.layer_decay=0.5`` on the 2-layer ViT: the embeddings step at lr/8, its layers at lr/4
+    and lr/2, the head at lr (logged as ``train/lr/<group>`` where it differs from ``train/lr``)."""
+    out = tmp_path / "decayed"
+    recipe.main(_args(out, digits, 2, **{"model.init_from": pretrained, "model.layer_decay": 0.5, "trainer.lr": 1e-3,
+                                         "trainer.lr_schedule": "constant"}))
+    first = next(r for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r)
+    assert first["train/lr"] == pytest.approx(1e-3)
+    assert [first[f"train/lr/layer_{i}"] for i in range(3)] == pytest.approx([1e-3 / 8, 1e-3 / 4, 1e-3 / 2])
+    assert "train/lr/layer_3" not in first

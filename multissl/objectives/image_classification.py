@@ -42,11 +42,12 @@ from multissl.data.labels import LabelMap, infer_label_map, stratified_subset
 from multissl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from multissl.errors import ConfigError, DataError, first_line
 from multissl.metrics import Mean
+from multissl.models.layer_decay import layer_decay_multipliers
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.run_folder import looks_local
 from multissl.training.distributed import StepRows, kept_buffers
-from multissl.training.objective import ModelCardInfo, Objective, TrainContext
+from multissl.training.objective import ModelCardInfo, Objective, ParamGroup, TrainContext
 from multissl.training.skips import BadInputs
 
 CARD_METRICS = ("accuracy", "macro_f1")
@@ -70,6 +71,9 @@ class ImageClassifierModelConfig:
     """Input side in pixels; 0 = the start point's (a folder's saved input size, a timm name's default,
     32 for the new tiny ResNet). Another value keeps the start point's mean and std (timm start points
     only: a transformers model keeps its image processor's size)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay for a ViT (BEiT's, MAE's fine-tuning recipe: 0.65-0.75): layer i of L trains
+    at ``lr x layer_decay^(L + 1 - i)``, the embeddings slowest, the head at ``lr``; 1.0 = one lr."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments: ``drop_rate``, ``drop_path_rate``; for a timm name also the
     architecture's (``layers``, ``channels``, ``img_size``). Without init_from they update TINY's. For a
@@ -78,6 +82,8 @@ class ImageClassifierModelConfig:
     def __post_init__(self) -> None:
         if self.image_size < 0 or 0 < self.image_size < 8:
             raise ConfigError(f"model.image_size must be 0 (the start point's) or >= 8, got {self.image_size}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"model.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass
@@ -433,9 +439,11 @@ class ImageClassification(Objective):
 
     def __init__(self, net: nn.Module, labels: LabelMap, augment: ClassifierAugmentConfig,
                  freeze_backbone: bool = False, base_model: str = "", on_bad_image: str = "skip",
-                 max_image_pixels: int = 64_000_000, processor: Any = None) -> None:
+                 max_image_pixels: int = 64_000_000, processor: Any = None, layer_decay: float = 1.0) -> None:
         """``net`` from `build_image_classifier`; ``processor`` (`load_image_processor`) is required
-        with a transformers model, whose eval preprocessing it is."""
+        with a transformers model, whose eval preprocessing it is; ``layer_decay`` < 1 trains a ViT's
+        earlier layers slower (`multissl.models.layer_decay`)."""
+        self.layer_decay = layer_decay
         if processor is not None:
             self.model: ImageClassifier = TransformersImageClassifier(net, processor, freeze_backbone)
         elif hasattr(net, "pretrained_cfg"):
@@ -462,6 +470,12 @@ class ImageClassification(Objective):
 
     def setup(self, context: TrainContext) -> None:
         self.device = context.device
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        if self.layer_decay == 1.0:
+            return super().param_groups(model)
+        return [ParamGroup(params, name=f"layer_{i}", lr_multiplier=multiplier)
+                for i, (multiplier, params) in enumerate(layer_decay_multipliers(model, self.layer_decay))]
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         pixels = batch["pixel_values"]
