@@ -168,29 +168,56 @@ def test_a_full_replica_is_weightless_until_filled_and_keeps_ties_and_buffers() 
 
 
 class _TwoProcesses:
-    """Enough of an Accelerator for `lockstep` on one process, pretending a second one holds
-    ``other`` batches (and has at least one, so nothing is broadcast)."""
+    """Enough of an Accelerator for `lockstep` as process 0, pretending a process 1 holds ``other``
+    batches (it reports, before each forward, whether it has a batch and whether it ever had one)."""
 
     device = torch.device("cpu")
-    is_main_process = True
+    process_index = 0
 
     def __init__(self, other: int) -> None:
-        self.other = other
+        self.other, self.calls = other, 0
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t, torch.tensor([[self.other, 0]])])
+        theirs = torch.tensor([[self.calls < self.other, self.other > 0]])
+        self.calls += 1
+        return torch.cat([t.long(), theirs.long()])
 
 
 @pytest.mark.parametrize("own, other, limit, want", [
     (3, 1, 0, [(0, True), (1, True), (2, True)]),
     (1, 3, 0, [(0, True), (0, False), (0, False)]),
-    (2, 5, 4, [(0, True), (1, True), (0, False), (0, False)]),
-    (5, 5, 2, [(0, True), (1, True)]),
+    (5, 2, 2, [(0, True), (1, True)]),  # (each process stops at the limit: the other reports 2 of its 5)
+    (2, 3, 3, [(0, True), (1, True), (0, False)]),
 ])
 def test_lockstep_forwards_stand_ins_until_every_process_is_done(own: int, other: int, limit: int,
                                                                want: list[tuple[int, bool]]) -> None:
     got = list(sharding.lockstep(list(range(own)), limit, _TwoProcesses(other)))
     assert got == want
+
+
+def test_a_process_without_eval_batches_forwards_one_of_anothers(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[int] = []
+    monkeypatch.setattr(sharding, "broadcast_from", lambda obj, src: sent.append(src) or "theirs")
+    got = list(sharding.lockstep([], 0, _TwoProcesses(2)))
+    assert got == [("theirs", False), ("theirs", False)] and sent == [1], "asked once, from the process that had one"
+
+
+def test_lockstep_takes_a_stream_of_unknown_length() -> None:
+    """Streamed eval data: a DataLoader over an IterableDataset has no len(); nothing is read past the limit."""
+    read: list[int] = []
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # noqa: ANN204 - an iterator
+            for i in range(10):
+                read.append(i)
+                yield torch.tensor([i])
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    with pytest.raises(TypeError):
+        len(loader)
+    got = list(sharding.lockstep(loader, 3, _TwoProcesses(1)))
+    assert [b.tolist() for b, _ in got] == [[[0], [1]], [[2], [3]], [[4], [5]]] and all(real for _, real in got)
+    assert max(read) <= 7, "read as needed, not all at once"
 
 
 def test_fsdp_asked_for_on_cpu_gets_a_plugin_from_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,6 +61,8 @@ def fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
 
     if plugin is None or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
+    if accelerator.mixed_precision != "no":  # as Accelerate does for its own FSDP devices
+        plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as Accelerate keeps the two
@@ -120,29 +122,25 @@ def without_input_embeddings_question(model: nn.Module) -> None:
 class FullReplica:
     """A weightless copy of a model, taken before it is sharded, that becomes a whole, plain model
     on demand: ``materialise(full_state_dict)``. Parameters live on the meta device until then (no
-    memory), buffers stay real (non-persistent ones, such as position ids, are not in a state dict),
-    and tied parameters stay tied."""
+    memory, and none is copied to make it), buffers stay real (non-persistent ones, such as
+    position ids, are not in a state dict), and tied parameters stay tied."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.skeleton = _with_parameters(copy.deepcopy(model), "meta")
+        self.skeleton = _copy_with_empty_parameters(model, "meta")
 
     def materialise(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        model = _with_parameters(copy.deepcopy(self.skeleton), "cpu")
+        model = _copy_with_empty_parameters(self.skeleton, "cpu")
         model.load_state_dict(state_dict, strict=True)
         return model
 
 
-def _with_parameters(model: nn.Module, device: str) -> nn.Module:
-    """``model`` with every parameter replaced by an uninitialised one on ``device`` (ties kept)."""
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in made:
-                made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            module._parameters[name] = made[id(p)]
-    return model
+def _copy_with_empty_parameters(model: nn.Module, device: str) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are new, uninitialised ones on ``device``: the copy
+    meets each parameter in its memo first, so no parameter data is copied, and a tied parameter
+    (one object in two places) becomes one new parameter."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -154,31 +152,36 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lockstep(batches: Iterable[Any], limit: int, accelerator: Any) -> Iterator[tuple[Any, bool]]:
-    """``(batch, real)`` until every process has run out of ``batches`` (at most ``limit`` each, 0 =
-    no limit): a process that has run out gets ``real=False`` and its first batch again, or, if it
-    had none, the main process's first; its outputs are to be thrown away. Every process makes the
-    same number of forwards, which a sharded model's all-gathers need."""
-    from accelerate.utils import broadcast_object_list
-
+    """``(batch, real)`` until no process has a batch left (at most ``limit`` each, 0 = no limit):
+    a process that has run out gets ``real=False`` and its first batch again, or, if it had none, one
+    of the first process that has a batch at that point; its outputs are to be thrown away. Every
+    process makes the same number of forwards, which a sharded model's all-gathers need. Whether
+    each process still has a batch is agreed on before each forward (one small gather), so eval
+    data of unknown length (a stream) works too."""
     it = iter(batches)
-    first = next(it, None)
-    own = 0 if first is None else len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    if own is None:  # an iterable without a length: count it
-        rest = list(it)
-        own, it = 1 + len(rest), iter(rest)
-    if limit:
-        own = min(own, limit)
-    counts = accelerator.gather(torch.tensor([own, int(first is None)], device=accelerator.device).reshape(1, 2))
-    most, someone_has_none = int(counts[:, 0].max()), bool(counts[:, 1].max())
-    most = min(most, limit) if limit else most
-    stand_in = first
-    if someone_has_none:
-        shared = broadcast_object_list([first if accelerator.is_main_process else None])[0]
-        stand_in = first if first is not None else shared
-    for i in range(most):
-        if i == 0 and first is not None:
-            yield first, True
-        elif i < own:
-            yield next(it), True
+    stand_in: Any = None
+    taken = 0
+    while True:
+        batch = next(it, None) if not limit or taken < limit else None
+        taken += batch is not None
+        flags = accelerator.gather(torch.tensor([[batch is not None, stand_in is not None or batch is not None]],
+                                                device=accelerator.device))
+        has_batch, has_any = flags[:, 0].bool().tolist(), flags[:, 1].bool().tolist()
+        if not any(has_batch):
+            return
+        if not all(has_any):  # someone has never had a batch: they get one from the first that has one now
+            src = has_batch.index(True)
+            shared = broadcast_from(batch if accelerator.process_index == src else None, src)
+            stand_in = stand_in if stand_in is not None else shared
+        if batch is not None:
+            stand_in = stand_in if stand_in is not None else batch
+            yield batch, True
         else:
             yield stand_in, False
+
+
+def broadcast_from(obj: Any, src: int) -> Any:
+    """Process ``src``'s ``obj`` on every process (pickled)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=src)[0]

@@ -100,6 +100,8 @@ class Trainer:
         sharding.refuse_unsupported(str(self.accelerator.distributed_type),
                                     getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", None) if self.sharded else None)
         self._replica: sharding.FullReplica | None = None
+        self._whole: tuple[int, nn.Module | None] | None = None  # (updates, whole copy) under FSDP
+        self._updates = 0  # optimizer updates this process has made (the whole copy's key)
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -507,6 +509,10 @@ class Trainer:
             final_metrics, predictions = self._evaluate(objective, model, eval_loader, tag="eval", counter=counter)
             self._keep_if_best(objective, model, state, final_metrics, predictions, best_name, True)
         best_step = self._kept_best_step(state, best_name)
+        if self.accelerator.num_processes > 1:  # the main process's view of the folder decides, for all
+            from accelerate.utils import broadcast_object_list
+
+            best_step, state.best = broadcast_object_list([best_step, state.best])
         if best_step is not None:
             final_metrics = state.best["metrics"]
         self._export(objective, model, state, final_metrics, best_step)
@@ -574,6 +580,7 @@ class Trainer:
             objective.before_optimizer_step(model, state.step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            self._updates += 1
             state.step += 1
             extra.update(objective.after_optimizer_step(model, state.step))
         extra.update(objective.on_step_end(state.step))
@@ -687,11 +694,28 @@ class Trainer:
         their own sharded model."""
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
-        if self.sharded:
-            whole = sharding.full_state_dict(unwrapped)
+        if not self.sharded:
+            return objective.export(unwrapped)
+        if self._whole is None or self._whole[0] != self._updates:  # the same on every process
+            whole, failure = sharding.full_state_dict(unwrapped), None
+            copy = None
             if self._replica is not None:
-                unwrapped = self._replica.materialise(whole)
-        return objective.export(unwrapped)
+                try:
+                    copy = self._replica.materialise(whole)
+                except Exception as err:  # noqa: BLE001 - every process must learn of it, then it is raised
+                    failure = err
+            del whole
+            failed = self.accelerator.reduce(torch.tensor([float(failure is not None)], device=self.device), "sum")
+            if float(failed[0]) > 0:
+                raise failure if failure is not None else TrainingError(
+                    "the main process could not rebuild the whole model from the shards (its error is above)")
+            self._whole = (self._updates, copy)
+        copy = self._whole[1]
+        if copy is None:  # not the main process: its own shard
+            return objective.export(unwrapped)
+        for mine, live in zip(copy.modules(), unwrapped.modules()):  # train/eval as the live model is
+            mine.training = live.training
+        return objective.export(copy)
 
     def _export(self, objective: Objective, model: nn.Module, state: TrainerState, final_metrics: dict[str, Any],
                 kept_step: int | None = None) -> None:
