@@ -581,6 +581,7 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._updates += 1
+            self._whole = None  # stale: free the whole copy's memory until it is asked for again
             state.step += 1
             extra.update(objective.after_optimizer_step(model, state.step))
         extra.update(objective.on_step_end(state.step))
