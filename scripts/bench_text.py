@@ -5,9 +5,11 @@ step count, and the same fused AdamW kernel (ours on CPU and HF's ``TrainingArgu
 ``adamw_torch_fused``). Each side runs in its own process (so peak RSS is its own) and the sides alternate
 over several repeats. Throughput is timed from the end of the first step to the end of the last
 (steady state, no start-up), and every final model is scored by the same evaluator: the
-held-out split with fixed masks.
+held-out split with fixed masks. The bare loop runs twice: as a user writes it, and with the
+trainer's host-memory setting (``bare_kept``), so the trainer's own overhead is measured apart from
+what that setting buys; faults/step counts the minor page faults between the first and last step.
 
-    python scripts/bench_text.py [--recipes mlm clm] [--steps 100] [--repeats 3] [--threads 2]
+    python scripts/bench_text.py [--recipes mlm clm] [--steps 100] [--repeats 3] [--threads 2] [--sides ...]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +29,8 @@ from typing import Any
 from benchlib import hf_training_args, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("multissl", "hf_trainer", "bare_loop")
+SIDES = ("multissl", "hf_trainer", "bare_loop", "bare_kept")
+"""bare_kept: the bare loop with the trainer's host-memory setting (multissl.training.host_malloc)."""
 BATCH, SEQ, LR, WARMUP, SEED = 32, 128, 1e-3, 10, 0
 
 
@@ -79,7 +83,12 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
     quiet_libraries()
     data = _data(recipe, tok_dir)
     stamps: list[float] = []
+    faults: list[int] = []  # minor page faults at each stamp: fresh pages the allocator had to map
     pad = [0, 0]
+
+    def stamp() -> None:
+        stamps.append(time.perf_counter())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     if side == "multissl":
         from multissl.training.trainer import Trainer, TrainerConfig
@@ -98,7 +107,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
             return batch
 
         objective.collator = lambda: counting_collate  # count training batches only (workers: none here)
-        objective.on_step_end = lambda step: stamps.append(time.perf_counter()) or {}
+        objective.on_step_end = lambda step: stamp() or {}
         trainer.fit(objective, data.train, None)
     elif side == "hf_trainer":
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
@@ -116,16 +125,19 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
 
         class Stamp(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                stamps.append(time.perf_counter())
+                stamp()
 
         args = hf_training_args(tempfile.mkdtemp(), BATCH, steps, LR, WARMUP, SEED)
         # HF's Trainer gets the plain transformers model (full-vocabulary logits at every position)
         Trainer(model=objective.export(objective.model), args=args, train_dataset=data.train,
                 data_collator=collator, callbacks=[Stamp()]).train()
     else:
+        from multissl.training.host_malloc import keep_freed_host_memory
         from multissl.training.loader import make_loader
         from multissl.training.schedules import lr_factor
 
+        if side == "bare_kept":
+            keep_freed_host_memory()
         set_seed(SEED)
         objective = _objective(recipe, data.tokenizer)
         model = objective.model
@@ -151,7 +163,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                stamps.append(time.perf_counter())
+                stamp()
                 if step == steps:
                     break
             epoch += 1
@@ -163,6 +175,7 @@ def run_side(side: str, recipe: str, steps: int, tok_dir: str) -> dict[str, Any]
         "side": side, "recipe": recipe, "steps": len(stamps),
         "samples_per_s": (len(stamps) - 1) * BATCH / seconds,
         "eval_loss": eval_loss, "padding": pad[0] / max(1, pad[1]), "peak_rss_mb": rss_mb,
+        "faults_per_step": (faults[-1] - faults[0]) / max(1, len(faults) - 1),
     }
 
 
@@ -187,6 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,7 +219,8 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for recipe in args.recipes:
         for rep in range(args.repeats):
-            order = SIDES if rep % 2 == 0 else tuple(reversed(SIDES))  # alternate who goes first
+            sides = [s for s in SIDES if s in args.sides]
+            order = sides if rep % 2 == 0 else sides[::-1]  # alternate who goes first
             for side in order:
                 cmd = [sys.executable, __file__, "--side", side, "--recipes", recipe, "--steps", str(args.steps),
                        "--threads", str(args.threads), "--tokenizer", toks[recipe]]
@@ -220,19 +235,24 @@ def main() -> None:
 
     print(f"\n{args.steps} steps, batch {BATCH} x {SEQ} tokens, {args.threads} threads, {args.repeats} repeats "
           "(median [min-max])\n")
-    head = f"{'recipe':6s} {'side':10s} {'samples/s':>24s} {'vs HF':>6s} {'vs bare':>7s} {'eval loss':>9s} {'padding':>8s} {'peak RSS':>9s}"
+    head = (f"{'recipe':6s} {'side':10s} {'samples/s':>24s} {'vs HF':>6s} {'vs bare':>7s} {'vs kept':>7s} "
+            f"{'eval loss':>9s} {'padding':>8s} {'peak RSS':>9s} {'faults/step':>11s}")
     print(head)
     print("-" * len(head))
     for recipe in args.recipes:
-        med = {s: statistics.median(r["samples_per_s"] for r in results[(recipe, s)]) for s in SIDES}
-        for side in SIDES:
+        med = {s: statistics.median(r["samples_per_s"] for r in results[(recipe, s)]) for s in args.sides}
+        for s in SIDES:
+            med.setdefault(s, float("nan"))
+        for side in (s for s in SIDES if s in args.sides):
             rs = results[(recipe, side)]
             sps = [r["samples_per_s"] for r in rs]
             print(f"{recipe:6s} {side:10s} {med[side]:9.1f} [{min(sps):6.1f}-{max(sps):6.1f}] "
                   f"{med[side] / med['hf_trainer']:6.2f} {med[side] / med['bare_loop']:7.2f} "
+                  f"{med[side] / med['bare_kept']:7.2f} "
                   f"{statistics.median(r['eval_loss'] for r in rs):9.4f} "
                   f"{statistics.median(r['padding'] for r in rs):8.4f} "
-                  f"{statistics.median(r['peak_rss_mb'] for r in rs):7.0f}MB")
+                  f"{statistics.median(r['peak_rss_mb'] for r in rs):7.0f}MB "
+                  f"{statistics.median(r['faults_per_step'] for r in rs):11.0f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ multipliers, and a clear error for a backbone without ViT layers."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from multissl.errors import ConfigError
 from multissl.models.layer_decay import layer_decay_multipliers, layer_of

@@ -33,6 +33,7 @@ from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
 from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
 from multissl.training.durable import fsync_path, fsync_tree
+from multissl.training.host_malloc import keep_freed_host_memory
 from multissl.training.loader import make_loader
 from multissl.training.objective import Objective, TrainContext
 from multissl.training.optim import apply_schedules, build_optimizer, torch_groups
@@ -419,6 +420,8 @@ class Trainer:
         # seconds from process start to here (imports, config, data preparation, tokenizer training) and to
         # the end of the first optimizer step (model, data loaders, the step-0 evaluation, first batch)
         startup: dict[str, float] | None = {"perf/before_fit_seconds": process_age_seconds()}
+        if cfg.keep_host_memory and acc.device.type == "cpu":
+            keep_freed_host_memory()
         train_loader, train_pos = self._loader(objective, train_data, train=True)
         eval_loader = self._loader(objective, eval_data, train=False)[0] if eval_data is not None else None
         batches_per_epoch = _len_or_none(train_loader)
