@@ -24,6 +24,8 @@ from multissl.training.state import FitResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_text_classification" / "tiny.yaml"
 TEXT_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
+DECODER_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt")
+"""Their *ForSequenceClassification classifies from the last non-padding token's state."""
 DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
                 "roberta": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
                 "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("attention_dropout",)}
@@ -73,7 +75,33 @@ def tokenizer_for(cfg: TextClassificationConfig, texts: list[str]) -> Any:
             tok.save_pretrained(saved)
     if tok.pad_token is None:  # GPT-2 style tokenizers: pad with end-of-text, masked out anyway
         tok.pad_token = tok.eos_token
+    if cfg.data.end_with_eos and model_type(cfg) in DECODER_MODEL_TYPES:
+        end_with_eos(tok)
     return tok
+
+
+def model_type(cfg: TextClassificationConfig) -> str:
+    if not cfg.model.init_from:
+        return cfg.model.arch
+    from transformers import AutoConfig
+
+    from multissl.objectives.finetune import resolve_model_dir
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_dir(cfg.model.init_from)).model_type
+    except Exception as err:
+        raise DataError(f"model.init_from={cfg.model.init_from!r}: cannot read its config ({first_line(err)})") from None
+
+
+def end_with_eos(tok: Any) -> None:
+    """Make the tokenizer itself append end-of-text (pipeline() then encodes as training did). Not when
+    it pads with end-of-text: the classifier would skip it as padding."""
+    if tok.eos_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        return
+    tok.add_eos_token = True  # transformers' tokenizers backend rebuilds its post-processor
+    if tok("a")["input_ids"][-1] != tok.eos_token_id:
+        print(f"warning: {type(tok).__name__} does not append {tok.eos_token!r} itself; the classifier reads "
+              "the texts' last tokens as they are (data.end_with_eos=false silences this)")
 
 
 def build_classifier(cfg: TextClassificationConfig, tokenizer: Any, labels: Any) -> tuple[Any, str]:
@@ -81,12 +109,7 @@ def build_classifier(cfg: TextClassificationConfig, tokenizer: Any, labels: Any)
 
     label_kwargs = {"id2label": labels.id2label, "label2id": labels.label2id, "pad_token_id": tokenizer.pad_token_id}
     if cfg.model.init_from:
-        from transformers import AutoConfig
-
-        from multissl.objectives.finetune import resolve_model_dir
-
-        model_type = AutoConfig.from_pretrained(resolve_model_dir(cfg.model.init_from)).model_type
-        dropout = dict.fromkeys(DROPOUT_KEYS.get(model_type, ()), cfg.model.dropout)
+        dropout = dict.fromkeys(DROPOUT_KEYS.get(model_type(cfg), ()), cfg.model.dropout)
         return load_for_finetuning(AutoModelForSequenceClassification, cfg.model.init_from, cfg.model.random_init,
                                    TEXT_MODEL_TYPES, **label_kwargs, **dropout)
     model_config = transformers_config(cfg.model, tokenizer, cfg.data.max_seq_len)

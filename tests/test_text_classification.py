@@ -134,10 +134,28 @@ def test_random_init_keeps_architecture_and_tokenizer(tmp_path: Path, pretrained
 
 def test_from_a_clm_output_and_from_scratch(tmp_path: Path) -> None:
     from multissl_recipes import clm
+    from transformers import AutoTokenizer, pipeline
 
     clm.main(tiny_args(tmp_path / "clm", steps=2))
     gpt = task.main(_args(tmp_path / "gpt", steps=2, **{"model.init_from": tmp_path / "clm"}))
     assert type(gpt.model).__name__ == "GPT2ForSequenceClassification"
+    # GPT-2's classifier reads the last non-padding token: the saved tokenizer ends every text with
+    # end-of-text (a distinct pad token), also when truncating, so pipeline() scores as training did
+    tok = AutoTokenizer.from_pretrained(tmp_path / "gpt" / "model")
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = tok(["short text", "a much longer text " * 40], truncation=True, max_length=64)["input_ids"]
+    assert [x[-1] for x in ids] == [tok.eos_token_id] * 2 and len(ids[1]) == 64
+    pretraining_tok = AutoTokenizer.from_pretrained(tmp_path / "clm" / "model")  # generation: prompts stay open
+    assert pretraining_tok("a")["input_ids"][-1] != tok.eos_token_id
+    rows = [json.loads(line) for line in (tmp_path / "gpt" / "predictions.jsonl").read_text().splitlines()]
+    classify = pipeline("text-classification", model=str(tmp_path / "gpt" / "model"), device="cpu")
+    for row in rows[:4]:
+        out = classify(row["text"], truncation=True, max_length=64)[0]
+        assert out["label"] == row["prediction"] and out["score"] == pytest.approx(row["score"], abs=1e-4)
+    plain = task.main(_args(tmp_path / "plain", steps=1, **{"model.init_from": tmp_path / "clm",
+                                                           "data.end_with_eos": "false"}))
+    assert plain.model is not None
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain" / "model")("a")["input_ids"][-1] != tok.eos_token_id
     scratch = task.main(_args(tmp_path / "scratch", steps=2, **{"model.hidden_size": 32, "model.num_layers": 1,
                                                                "data.vocab_size": 500}))
     assert (tmp_path / "scratch" / "tokenizer" / "tokenizer.json").is_file()

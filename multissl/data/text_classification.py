@@ -48,6 +48,11 @@ class TextClassificationDataConfig:
     """Which rows a label_fraction below 1 keeps."""
     vocab_size: int = 4096
     """Vocabulary of the tokenizer trained on the task's texts when training from scratch without init_from."""
+    end_with_eos: bool = True
+    """Decoder models (GPT-2, Llama, ...), whose classifier reads the last token's state: the saved
+    tokenizer ends every text with the end-of-text token, so that state is the same position in every
+    text, one the model saw close documents in pretraining (as GPT-1's classifier token; pipeline()
+    gets it too). Applies when the tokenizer pads with another token; encoders are left alone."""
 
     def __post_init__(self) -> None:
         if self.files and self.dataset:
