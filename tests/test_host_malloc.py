@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from multissl.training.host_malloc import why_not_tuned
+from multissl.training.host_malloc import is_glibc, why_not_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+GLIBC = is_glibc()
 
 # Starts from a malloc that hands freed memory back at once (blocks above 128 KiB mapped and unmapped,
 # the heap trimmed on every free: glibc's defaults do that or not depending on where long-lived

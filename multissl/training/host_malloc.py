@@ -32,10 +32,14 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _done: bool | None = None
 
 
+def is_glibc() -> bool:
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def why_not_tuned(environ: dict[str, str] | None = None) -> str:
     """Why the thresholds are left alone here, or "" when they can be set."""
     env = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return "not glibc"
     user = [k for k in _USER_KNOBS if k in env]
     if user or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
