@@ -15,6 +15,7 @@ from multissl.errors import ConfigError
 from multissl.training import sharding
 from tests.conftest import BIN, run
 from tests.test_accelerate_configs import launcher_env
+from tests.test_mae import SMALL as MAE_TINY
 
 BERT_LAYERS = launcher_env("fsdp2_full_shard.yaml")
 """What ``accelerate launch --config_file recipes/accelerate/fsdp2_full_shard.yaml`` gives each
@@ -227,3 +228,68 @@ def test_fsdp_asked_for_on_cpu_gets_a_plugin_from_the_launchers_environment(monk
         monkeypatch.setenv(key, value)
     plugin = sharding.cpu_fsdp_plugin(cpu=True)
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["BertLayer"]
+
+
+FINETUNE_TEXT = ["recipes/finetune_text_classification.py", "trainer.max_steps=4", "trainer.log_every=1",
+                 "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.trackers=[]", "trainer.eval_every=2",
+                 "trainer.save_every=2", "data.max_seq_len=32", "data.vocab_size=500", "model.hidden_size=32",
+                 "model.num_layers=2", "data.label_fraction=0.1"]
+
+
+def test_text_fine_tuning_under_fsdp_trains_as_ddp_does_and_exports_a_pipeline_model(tmp_path: Path) -> None:
+    """Fine-tuning shards as pretraining does: the classifier's loss and gradient norm are DDP's at
+    every step, evaluation runs on both processes' shards, and the export is one whole model that
+    `pipeline("text-classification")` runs with DDP's predictions."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for out, env in ((ddp, {}), (fsdp, BERT_LAYERS)):
+        proc = _torchrun(FINETUNE_TEXT, out, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (fsdp / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
+    want, got = _train_records(ddp), _train_records(fsdp)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    evals = {out: [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in r]
+             for out in (ddp, fsdp)}
+    assert [r["step"] for r in evals[fsdp]] == [0, 2, 4]
+    for a, b in zip(evals[ddp], evals[fsdp], strict=True):
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5) and b["eval/accuracy"] == a["eval/accuracy"]
+    exported = _weights(fsdp)
+    for name, tensor in _weights(ddp).items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(fsdp / "model"), device="cpu")
+    rows = [json.loads(line) for line in (ddp / "predictions.jsonl").read_text().splitlines()]
+    for row in rows[:4]:
+        out = classify(row["text"], truncation=True, max_length=32)[0]
+        assert out["label"] == row["prediction"] and out["score"] == pytest.approx(row["score"], abs=1e-4)
+
+
+SHORT = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.progress_bar=false", "trainer.trackers=[]",
+         "trainer.eval_every=0", "trainer.save_every=3"]
+
+
+@pytest.mark.parametrize("recipe, layer, extra", [
+    ("clm", "GPT2Block", ["trainer.batch_size=4", "data.vocab_size=500", "data.max_seq_len=32", "model.hidden_size=32",
+                          "model.intermediate_size=64"]),
+    ("mae", "ViTMAELayer", ["trainer.batch_size=8", "probe.task=\"\"", *(f"{k}={v}" for k, v in MAE_TINY.items())]),
+])
+def test_clm_and_mae_under_fsdp_train_as_ddp_does(recipe: str, layer: str, extra: list[str], tmp_path: Path) -> None:
+    """Each wrapped in its own transformer layer (`--fsdp_transformer_layer_cls_to_wrap`, as the
+    README says per recipe): DDP's loss and gradient norm at every step, sharded checkpoints, DDP's export."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    args = [f"recipes/{recipe}.py", *SHORT, *extra]
+    for out, env in ((ddp, {}), (fsdp, {**BERT_LAYERS, "FSDP_TRANSFORMER_CLS_TO_WRAP": layer})):
+        proc = _torchrun(args, out, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (fsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
+    want, got = _train_records(ddp), _train_records(fsdp)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    exported = _weights(fsdp)
+    for name, tensor in _weights(ddp).items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
