@@ -139,6 +139,9 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="audio: cut longer files to this")
     p.add_argument("--device", default="", help="default: cuda when available, else cpu")
     p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--random-init", type=int, default=None, metavar="SEED",
+                   help="probe the same architecture (and tokenizer or image processor) with the fresh weights a new "
+                   "model gets under SEED instead of the saved ones: the baseline to read a pretrained probe against")
     return p
 
 
@@ -173,8 +176,9 @@ def run_probe_command(ns: argparse.Namespace) -> int:
     """``multissl probe``: print the results table (and write JSON when asked); returns 0. Input errors
     are raised as `multissl.errors.MultiSSLError` for the CLI to print as one line."""
     cfg = _config_from_args(ns)
-    result = probe_output(ns.output_dir, cfg, device=ns.device or None)
-    print(f"frozen-feature probe of {result['model']}")
+    result = probe_output(ns.output_dir, cfg, device=ns.device or None, random_init=ns.random_init)
+    weights = "" if ns.random_init is None else f" at random init (seed {ns.random_init}: its architecture, fresh weights)"
+    print(f"frozen-feature probe of {result['model']}{weights}")
     print(format_probe_table(result, cfg), flush=True)
     if ns.json:
         from multissl.config import to_dict

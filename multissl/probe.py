@@ -457,11 +457,13 @@ def probe_encoder(model: nn.Module, modality: Modality, features: Callable[[Sequ
     return metrics, data
 
 
-def probe_output(output_dir: str | Path, cfg: ProbeConfig, device: torch.device | str | None = None) -> dict[str, Any]:
+def probe_output(output_dir: str | Path, cfg: ProbeConfig, device: torch.device | str | None = None,
+                 random_init: int | None = None) -> dict[str, Any]:
     """Probe a saved run (``output_dir`` with ``model/``) or model folder on ``cfg.task`` ("" = the
-    model's embedded task). Returns the accuracies with what they were measured on: ``task``,
-    ``modality``, ``model`` (the folder), ``train_examples``, ``eval_examples``, ``classes``,
-    ``linear_acc``, ``knn_acc``, ``chance``."""
+    model's embedded task); with ``random_init`` (a seed), its architecture with fresh weights instead.
+    Returns the accuracies with what they were measured on: ``task``, ``modality``, ``model`` (the
+    folder), ``random_init``, ``train_examples``, ``eval_examples``, ``classes``, ``linear_acc``,
+    ``knn_acc``, ``chance``."""
     import torch
 
     from multissl.models.saved import load_saved_encoder
@@ -470,10 +472,10 @@ def probe_output(output_dir: str | Path, cfg: ProbeConfig, device: torch.device 
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError as err:
         raise ConfigError(f"device {device!r}: {first_line(err)}") from None
-    saved = load_saved_encoder(output_dir)
+    saved = load_saved_encoder(output_dir, random_init)
     saved.model.to(device)
     metrics, data = probe_encoder(saved.model, saved.modality,
                                   lambda xs: saved.features(xs, cfg.batch_size, device), cfg)
-    return {"task": data.task, "modality": saved.modality, "model": str(saved.folder),
+    return {"task": data.task, "modality": saved.modality, "model": str(saved.folder), "random_init": random_init,
             "train_examples": len(data.train), "eval_examples": len(data.eval), "classes": len(data.classnames),
             **metrics}

@@ -45,7 +45,7 @@ class SavedEncoder:
         return self.featurize(self.model, inputs, batch_size, device)
 
 
-def _open_clip(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+def _open_clip(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
     if not all((folder / f).is_file() for f in OPEN_CLIP_FILES):
         return None
     import open_clip
@@ -53,7 +53,7 @@ def _open_clip(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | No
     from multissl.logs import quiet_root_logger
 
     with quiet_root_logger():
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=not fresh)
     return SavedEncoder("image", folder, model, lambda m, xs, bs, dev: F.image_features(m, preprocess, xs, bs, dev))
 
 
@@ -126,50 +126,50 @@ def find_image_folder(path: str | Path, key: str = "model.init_from") -> tuple[P
     raise _not_an_image_model(path, key, folder, config, f"{_TIMM_WANTED} nor a transformers {types} image model")
 
 
-def _timm(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+def _timm(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
     """A timm Hub-format folder (config.json with ``architecture``): rebuilt by timm, with its own eval transform.
     A fine-tuned classifier is rebuilt without its classifier (``num_classes=0``): probes take features."""
     if not is_timm_config(config):
         return None
     import timm
 
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=not fresh, num_classes=0)
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     return SavedEncoder("image", folder, model,
                         lambda m, xs, bs, dev: F.image_features(m, transform, xs, bs, dev, pooled=True))
 
 
-def _vision_transformers(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+def _vision_transformers(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
     """A transformers ViT, DeiT or DINOv2 (an encoder or a ``*ForImageClassification``, of which ``AutoModel``
     loads the encoder): features are the mean of its patch tokens, after its own image processor."""
     if config is None or not is_vision_config(config):
         return None
     check_vision_folder(folder, config["model_type"])
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(folder)
-    return SavedEncoder("image", folder, AutoModel.from_pretrained(folder),
+    return SavedEncoder("image", folder, _auto_model(folder, fresh),
                         lambda m, xs, bs, dev: F.vit_features(m, processor, xs, bs, dev))
 
 
-def _audio(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+def _audio(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
     if config is None or config.get("model_type") not in AUDIO_MODEL_TYPES:
         return None
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor
 
     fe = AutoFeatureExtractor.from_pretrained(folder) if (folder / "preprocessor_config.json").is_file() else None
     kwargs = {"sample_rate": getattr(fe, "sampling_rate", 16000), "normalize": getattr(fe, "do_normalize", True),
               "attention_mask": getattr(fe, "return_attention_mask", None)}
-    return SavedEncoder("audio", folder, AutoModel.from_pretrained(folder),
+    return SavedEncoder("audio", folder, _auto_model(folder, fresh),
                         lambda m, xs, bs, dev: F.audio_features(m, xs, bs, dev, **kwargs))
 
 
-def _text(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
+def _text(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
     if config is None or config.get("model_type") not in TEXT_MODEL_TYPES:
         return None
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModel.from_pretrained(folder)
+    model = _auto_model(folder, fresh)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -177,9 +177,18 @@ def _text(folder: Path, config: dict[str, Any] | None) -> SavedEncoder | None:
     return SavedEncoder("text", folder, model, lambda m, xs, bs, dev: F.text_features(m, tokenizer, xs, bs, dev))
 
 
-SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None], SavedEncoder | None]] = [_open_clip, _timm, _vision_transformers,
-                                                                                     _audio, _text]
-"""Each returns an encoder for a folder it recognises, else None; image families add theirs here."""
+def _auto_model(folder: Path, fresh: bool) -> nn.Module:
+    """transformers' ``AutoModel`` of ``folder``: its weights, or (``fresh``) its config's architecture
+    initialised as transformers initialises a new model, as fine-tuning's ``model.random_init`` does."""
+    from transformers import AutoConfig, AutoModel
+
+    return AutoModel.from_config(AutoConfig.from_pretrained(folder)) if fresh else AutoModel.from_pretrained(folder)
+
+
+SAVED_ENCODERS: list[Callable[[Path, dict[str, Any] | None, bool], SavedEncoder | None]] = [
+    _open_clip, _timm, _vision_transformers, _audio, _text]
+"""Each returns an encoder for a folder it recognises, else None; image families add theirs here.
+The flag asks for the folder's architecture and preprocessing with fresh weights (a probe's random-init arm)."""
 
 
 def _read_config(folder: Path) -> dict[str, Any] | None:
@@ -192,15 +201,24 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
 
 
-def load_saved_encoder(path: str | Path) -> SavedEncoder:
-    """The encoder saved in a run's output_dir (its ``model/``) or a model folder."""
+def load_saved_encoder(path: str | Path, random_init: int | None = None) -> SavedEncoder:
+    """The encoder saved in a run's output_dir (its ``model/``) or a model folder. With ``random_init``
+    (a seed): the same architecture, tokenizer or processor and features, with the weights a new model
+    of it gets under that seed: the baseline a pretrained encoder's probe is read against."""
     folder = find_model_folder(path).model_dir
     config = _read_config(folder)
     if config is not None and not config.get("model_type") and "architecture" not in config:
         raise ConfigError(f"{folder}: cannot load the model (its config.json names no model_type)")
+    import torch
+
     for kind in SAVED_ENCODERS:
         try:
-            encoder = kind(folder, config)
+            if random_init is None:
+                encoder = kind(folder, config, False)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(random_init)
+                    encoder = kind(folder, config, True)
         except ConfigError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
