@@ -56,7 +56,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / off / yes / on as a boolean
+            spelled = [a for a in get_args(tp) if a is value or (isinstance(a, str) and yaml.safe_load(a) is value)]
+            if len(spelled) == 1:
+                return spelled[0]
+        elif value in get_args(tp):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

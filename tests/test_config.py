@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,20 @@ def test_overrides_are_typed() -> None:
     assert cfg.trainer.max_steps == 7 and cfg.data.files == ["a.txt", "b.txt"]
     assert cfg.trainer.adam_betas == (0.9, 0.98) and cfg.masking.whole_word is True
     assert cfg.model.arch == "roberta" and cfg.data.max_seq_len == 256
+
+
+def test_a_choice_spelled_like_a_yaml_boolean_is_the_choice(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare ``no`` as false: ``trainer.mixed_precision=no`` (the documented default)
+    must still mean ``"no"``, on the command line and in a config file; a bool stays an error where no
+    choice is spelled that way."""
+    assert config.build(MLMConfig, None, ["trainer.mixed_precision=no"]).trainer.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  mixed_precision: no\n")
+    assert config.build(MLMConfig, f, []).trainer.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=re.escape("trainer.mixed_precision: expected one of 'no' | 'bf16' | 'fp16', got True")):
+        config.build(MLMConfig, None, ["trainer.mixed_precision=yes"])
+    with pytest.raises(ConfigError, match="model.arch: expected one of"):
+        config.build(MLMConfig, None, ["model.arch=off"])
 
 
 def test_override_beats_file(tmp_path: Path) -> None:
