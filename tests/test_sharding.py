@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from multissl.errors import ConfigError
+from multissl.metrics import read_jsonl
 from multissl.training import sharding
 from tests.conftest import BIN, run
 from tests.test_accelerate_configs import launcher_env
@@ -230,6 +231,24 @@ def test_fsdp_asked_for_on_cpu_gets_a_plugin_from_the_launchers_environment(monk
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["BertLayer"]
 
 
+def _sharded_run_matches_ddp(args: list[str], fsdp_env: dict[str, str], tmp_path: Path, steps: int,
+                             checkpoint: int) -> tuple[Path, Path]:
+    """Run ``args`` under DDP and under FSDP on 2 processes; the FSDP run must have written a sharded
+    checkpoint at step ``checkpoint`` (not fallen back to DDP) and logged DDP's loss and gradient norm
+    at each of its ``steps``. Returns the two output folders."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for out, env in ((ddp, {}), (fsdp, fsdp_env)):
+        proc = _torchrun(args, out, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (fsdp / "checkpoints" / f"step_{checkpoint:08d}" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
+    want, got = _train_records(ddp), _train_records(fsdp)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    return ddp, fsdp
+
+
 FINETUNE_TEXT = ["recipes/finetune_text_classification.py", "trainer.max_steps=4", "trainer.log_every=1",
                  "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.trackers=[]", "trainer.eval_every=2",
                  "trainer.save_every=2", "data.max_seq_len=32", "data.vocab_size=500", "model.hidden_size=32",
@@ -240,18 +259,8 @@ def test_text_fine_tuning_under_fsdp_trains_as_ddp_does_and_exports_a_pipeline_m
     """Fine-tuning shards as pretraining does: the classifier's loss and gradient norm are DDP's at
     every step, evaluation runs on both processes' shards, and the export is one whole model that
     `pipeline("text-classification")` runs with DDP's predictions."""
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    for out, env in ((ddp, {}), (fsdp, BERT_LAYERS)):
-        proc = _torchrun(FINETUNE_TEXT, out, **env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (fsdp / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(fsdp)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
-    evals = {out: [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in r]
-             for out in (ddp, fsdp)}
+    ddp, fsdp = _sharded_run_matches_ddp(FINETUNE_TEXT, BERT_LAYERS, tmp_path, steps=4, checkpoint=2)
+    evals = {out: [r for r in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in r] for out in (ddp, fsdp)}
     assert [r["step"] for r in evals[fsdp]] == [0, 2, 4]
     for a, b in zip(evals[ddp], evals[fsdp], strict=True):
         assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5) and b["eval/accuracy"] == a["eval/accuracy"]
@@ -261,8 +270,7 @@ def test_text_fine_tuning_under_fsdp_trains_as_ddp_does_and_exports_a_pipeline_m
     from transformers import pipeline
 
     classify = pipeline("text-classification", model=str(fsdp / "model"), device="cpu")
-    rows = [json.loads(line) for line in (ddp / "predictions.jsonl").read_text().splitlines()]
-    for row in rows[:4]:
+    for row in read_jsonl(ddp / "predictions.jsonl")[:4]:
         out = classify(row["text"], truncation=True, max_length=32)[0]
         assert out["label"] == row["prediction"] and out["score"] == pytest.approx(row["score"], abs=1e-4)
 
@@ -279,17 +287,9 @@ SHORT = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.progress_bar=fal
 def test_clm_and_mae_under_fsdp_train_as_ddp_does(recipe: str, layer: str, extra: list[str], tmp_path: Path) -> None:
     """Each wrapped in its own transformer layer (`--fsdp_transformer_layer_cls_to_wrap`, as the
     README says per recipe): DDP's loss and gradient norm at every step, sharded checkpoints, DDP's export."""
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    args = [f"recipes/{recipe}.py", *SHORT, *extra]
-    for out, env in ((ddp, {}), (fsdp, {**BERT_LAYERS, "FSDP_TRANSFORMER_CLS_TO_WRAP": layer})):
-        proc = _torchrun(args, out, **env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (fsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(fsdp)
-    assert [r["step"] for r in got] == [1, 2, 3]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    ddp, fsdp = _sharded_run_matches_ddp([f"recipes/{recipe}.py", *SHORT, *extra],
+                                         {**BERT_LAYERS, "FSDP_TRANSFORMER_CLS_TO_WRAP": layer}, tmp_path,
+                                         steps=3, checkpoint=3)
     exported = _weights(fsdp)
     for name, tensor in _weights(ddp).items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -304,16 +304,7 @@ def test_image_fine_tuning_under_fsdp_trains_as_ddp_does(tmp_path: Path) -> None
     """The new tiny ResNet on the embedded digits, one FSDP unit (``NO_WRAP``): DDP's training loss
     and gradient norm at every step, sharded checkpoints, and DDP's weights in an export timm loads.
     (Batch-norm running statistics are each process's own under FSDP, so only parameters are compared.)"""
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    for out, env in ((ddp, {}), (fsdp, FSDP_ENV)):
-        proc = _torchrun(FINETUNE_IMAGE, out, **env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (fsdp / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(fsdp)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    ddp, fsdp = _sharded_run_matches_ddp(FINETUNE_IMAGE, FSDP_ENV, tmp_path, steps=4, checkpoint=2)
     import timm
 
     net = timm.create_model(f"local-dir:{fsdp / 'model'}", pretrained=True)

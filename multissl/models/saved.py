@@ -6,8 +6,9 @@ transformers, say) is a one-line error naming its model type, never a text model
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +46,7 @@ class SavedEncoder:
         return self.featurize(self.model, inputs, batch_size, device)
 
 
-def _open_clip(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
+def _open_clip(folder: Path, config: dict[str, Any] | None, fresh: bool) -> SavedEncoder | None:
     if not all((folder / f).is_file() for f in OPEN_CLIP_FILES):
         return None
     import open_clip
@@ -126,7 +127,7 @@ def find_image_folder(path: str | Path, key: str = "model.init_from") -> tuple[P
     raise _not_an_image_model(path, key, folder, config, f"{_TIMM_WANTED} nor a transformers {types} image model")
 
 
-def _timm(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
+def _timm(folder: Path, config: dict[str, Any] | None, fresh: bool) -> SavedEncoder | None:
     """A timm Hub-format folder (config.json with ``architecture``): rebuilt by timm, with its own eval transform.
     A fine-tuned classifier is rebuilt without its classifier (``num_classes=0``): probes take features."""
     if not is_timm_config(config):
@@ -139,7 +140,7 @@ def _timm(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> S
                         lambda m, xs, bs, dev: F.image_features(m, transform, xs, bs, dev, pooled=True))
 
 
-def _vision_transformers(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
+def _vision_transformers(folder: Path, config: dict[str, Any] | None, fresh: bool) -> SavedEncoder | None:
     """A transformers ViT, DeiT or DINOv2 (an encoder or a ``*ForImageClassification``, of which ``AutoModel``
     loads the encoder): features are the mean of its patch tokens, after its own image processor."""
     if config is None or not is_vision_config(config):
@@ -152,7 +153,7 @@ def _vision_transformers(folder: Path, config: dict[str, Any] | None, fresh: boo
                         lambda m, xs, bs, dev: F.vit_features(m, processor, xs, bs, dev))
 
 
-def _audio(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
+def _audio(folder: Path, config: dict[str, Any] | None, fresh: bool) -> SavedEncoder | None:
     if config is None or config.get("model_type") not in AUDIO_MODEL_TYPES:
         return None
     from transformers import AutoFeatureExtractor
@@ -164,7 +165,7 @@ def _audio(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> 
                         lambda m, xs, bs, dev: F.audio_features(m, xs, bs, dev, **kwargs))
 
 
-def _text(folder: Path, config: dict[str, Any] | None, fresh: bool = False) -> SavedEncoder | None:
+def _text(folder: Path, config: dict[str, Any] | None, fresh: bool) -> SavedEncoder | None:
     if config is None or config.get("model_type") not in TEXT_MODEL_TYPES:
         return None
     from transformers import AutoTokenizer
@@ -201,6 +202,19 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{folder / 'config.json'}: not readable JSON ({first_line(err)})") from None
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """torch's generator seeded with ``seed`` inside, and the caller's stream restored after (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_saved_encoder(path: str | Path, random_init: int | None = None) -> SavedEncoder:
     """The encoder saved in a run's output_dir (its ``model/``) or a model folder. With ``random_init``
     (a seed): the same architecture, tokenizer or processor and features, with the weights a new model
@@ -209,22 +223,16 @@ def load_saved_encoder(path: str | Path, random_init: int | None = None) -> Save
     config = _read_config(folder)
     if config is not None and not config.get("model_type") and "architecture" not in config:
         raise ConfigError(f"{folder}: cannot load the model (its config.json names no model_type)")
-    import torch
-
-    for kind in SAVED_ENCODERS:
-        try:
-            if random_init is None:
-                encoder = kind(folder, config, False)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(random_init)
-                    encoder = kind(folder, config, True)
-        except ConfigError:
-            raise
-        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{folder}: cannot load the model ({first_line(err)})") from None
-        if encoder is not None:
-            return encoder
+    with _seeded(random_init):
+        for kind in SAVED_ENCODERS:
+            try:
+                encoder = kind(folder, config, random_init is not None)
+            except ConfigError:
+                raise
+            except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+                raise ConfigError(f"{folder}: cannot load the model ({first_line(err)})") from None
+            if encoder is not None:
+                return encoder
     model_type = (config or {}).get("model_type", "unknown")
     raise ConfigError(f"{folder}: no feature extractor for a {model_type!r} model yet (multissl takes features of "
                       f"open_clip and timm models, transformers {'/'.join(t for t in VISION_MODEL_TYPES if t != 'vit_mae')} "
