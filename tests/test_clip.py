@@ -112,22 +112,36 @@ def test_unknown_model_and_missing_checkpoint_are_config_errors(tmp_path: Path) 
                         lambda *a: None)
 
 
-def test_export_loads_back_in_open_clip_with_identical_embeddings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_export_loads_back_in_open_clip_with_identical_embeddings(tmp_path: Path, kind: str) -> None:
+    """Including SigLIP's trained bias, which open_clip builds only when the config asks for one."""
     import open_clip
 
-    objective, batch = build_objective("clip")
+    objective, batch = build_objective(kind)
     model = objective.model.eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)
+        if kind == "siglip":
+            model.logit_bias.fill_(-3.0)
     objective.save_pretrained(model, tmp_path)
     with torch.no_grad():
         want_i, want_t = model.encode_image(batch["images"]), model.encode_text(batch["texts"])
-    for name, pretrained in ((f"local-dir:{tmp_path}", None), ("multissl-tiny", str(tmp_path / "open_clip_model.safetensors"))):
-        loaded, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    # the folder's own config, or the registered architecture (which needs to be told to have a bias) + the weights
+    bias = {"init_logit_bias": 0.0} if kind == "siglip" else {}
+    for name, pretrained, extra in ((f"local-dir:{tmp_path}", None, {}),
+                                    ("multissl-tiny", str(tmp_path / "open_clip_model.safetensors"), bias)):
+        loaded, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **extra)
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded.encode_image(batch["images"]), want_i)
             torch.testing.assert_close(loaded.encode_text(batch["texts"]), want_t)
+        assert float(loaded.logit_scale) == 1.5
+        assert (None if loaded.logit_bias is None else float(loaded.logit_bias)) == (-3.0 if kind == "siglip" else None)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path}")
     assert tokenizer(["a red circle"]).shape == (1, 32)
     # and a model started from the folder (model.pretrained=...) continues from those weights
-    again = ClipPretraining(ClipModelConfig(pretrained=str(tmp_path)), ClipLossConfig(), ClipEvalConfig(), lambda *a: None)
+    again = ClipPretraining(ClipModelConfig(pretrained=str(tmp_path)), ClipLossConfig(kind=kind), ClipEvalConfig(),
+                            lambda *a: None)
     torch.testing.assert_close(again.model.logit_scale, model.logit_scale)
+    if kind == "siglip":
+        torch.testing.assert_close(again.model.logit_bias, model.logit_bias)

@@ -125,11 +125,25 @@ def test_fsdp1_is_refused_and_fsdp2_passes() -> None:
         sharding.refuse_unsupported(kind)
 
 
+def test_scalars_become_vectors_for_training_and_scalars_again_in_the_export() -> None:
+    """``fully_shard`` splits along the first dimension, which CLIP's temperature lacks: it trains as
+    a one-element vector, and the replica (taken before) rebuilds the model with its own shape."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    net[0].logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+    net.frozen = torch.nn.Parameter(torch.tensor(-1.0), requires_grad=False)
+    replica = sharding.FullReplica(net)
+    assert sorted(sharding.scalars_as_vectors(net)) == ["0.logit_scale", "frozen"]
+    assert net[0].logit_scale.shape == (1,) and float(net[0].logit_scale) == 2.0 and not net.frozen.requires_grad
+    assert {n for n, p in net.named_parameters() if p.ndim == 0} == set()
+    whole = replica.materialise({k: v.clone() for k, v in net.state_dict().items()})
+    assert whole[0].logit_scale.shape == () and float(whole[0].logit_scale) == 2.0 and float(whole.frozen) == -1.0
+    torch.testing.assert_close(whole[0].weight, net[0].weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # only a reshape of the same size is undone
+        replica.materialise({**net.state_dict(), "0.weight": torch.zeros(3, 2)})
+
+
 def test_what_cannot_be_sharded_is_named() -> None:
     net = torch.nn.Linear(2, 2)
-    net.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-    with pytest.raises(ConfigError, match=r"scalar parameters \(logit_scale\)"):
-        sharding.refuse_unshardable(net, {}, "clip")
     with pytest.raises(ConfigError, match="moco keeps queue, target beside"):
         sharding.refuse_unshardable(torch.nn.Linear(2, 2), {"target": net, "queue": net}, "moco")
     with pytest.raises(ConfigError, match="wav2vec2 cannot train under FSDP: transformers' wav2vec 2.0 encoder"):
@@ -293,6 +307,42 @@ def test_clm_and_mae_under_fsdp_train_as_ddp_does(recipe: str, layer: str, extra
     exported = _weights(fsdp)
     for name, tensor in _weights(ddp).items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+CLIP = ["recipes/clip.py", "trainer.max_steps=4", "trainer.log_every=1", "trainer.progress_bar=false",
+        "trainer.trackers=[]", "trainer.eval_every=2", "trainer.save_every=2", "trainer.batch_size=8",
+        "trainer.eval_max_batches=2", "eval.max_images=32"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_under_fsdp_trains_as_ddp_does_and_exports_open_clips_model(kind: str, tmp_path: Path) -> None:
+    """The contrastive losses' gathers carry gradients through the sharded towers (one FSDP unit per
+    ``ResidualAttentionBlock``): DDP's loss and gradient norm at every step; the temperature (and
+    SigLIP's bias), scalars that train as one-element vectors, come back as scalars in an export
+    open_clip loads, equal to DDP's; SigLIP resumes from the sharded checkpoint to the same weights."""
+    args = [*CLIP, f"loss.kind={kind}"]
+    env = {**BERT_LAYERS, "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResidualAttentionBlock"}
+    ddp, fsdp = _sharded_run_matches_ddp(args, env, tmp_path, steps=4, checkpoint=2)
+    from safetensors.torch import load_file
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        return load_file(out / "model" / "open_clip_model.safetensors")
+
+    exported, reference = weights(fsdp), weights(ddp)
+    assert exported.keys() == reference.keys() and exported["logit_scale"].shape == ()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    import open_clip
+
+    model = open_clip.create_model(f"local-dir:{fsdp / 'model'}")
+    assert float(model.logit_scale) == float(exported["logit_scale"])
+    if kind == "siglip":
+        assert exported["logit_bias"].shape == ()
+        shutil.rmtree(fsdp / "checkpoints" / "step_00000004")
+        shutil.rmtree(fsdp / "model")
+        again = _torchrun(args, fsdp, **env)
+        assert again.returncode == 0 and "step 2/4" in again.stdout, again.stderr[-3000:]
+        assert all(torch.equal(weights(fsdp)[k], v) for k, v in exported.items())
 
 
 FINETUNE_IMAGE = ["recipes/finetune_image_classification.py", "trainer.max_steps=4", "trainer.log_every=1",

@@ -81,8 +81,11 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
 
     _register_our_configs()
     kwargs: dict[str, Any] = {"output_dict": True}
-    if loss.kind == "siglip":  # SigLIP's initialisation: temperature 10, bias -10
-        kwargs.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+    """SigLIP's initialisation, temperature 10 and bias -10; in the saved config too (as open_clip's
+    own SigLIP configs have it), without which open_clip builds no bias to load the trained one into."""
+    if loss.kind == "siglip":
+        kwargs.update(siglip)
     if cfg.image_size:
         kwargs["force_image_size"] = cfg.image_size
     source = Path(cfg.pretrained).expanduser() if cfg.pretrained else None
@@ -107,6 +110,8 @@ def build_clip(cfg: ClipModelConfig, loss: ClipLossConfig) -> tuple[nn.Module, A
         model_cfg = open_clip.get_model_config(cfg.name)
         if cfg.image_size:
             model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "image_size": cfg.image_size}}
+    if loss.kind == "siglip":
+        model_cfg = {**siglip, **model_cfg}
     return model, train_tf, eval_tf, tokenizer, model_cfg
 
 

@@ -10,9 +10,12 @@ weights on the main process need help here:
   so a process that has run out of eval batches forwards a stand-in batch, scored as nothing,
   until the last process is done;
 * EMA teachers and queues (BYOL, MoCo, DINO) would average a shard into a whole tensor: those
-  objectives are refused (`refuse_unshardable`, with models that have scalar parameters, which
-  ``fully_shard`` cannot split: CLIP's temperature), as are DeepSpeed, Megatron-LM and FSDP1
-  (`refuse_unsupported`).
+  objectives are refused (`refuse_unshardable`), as are DeepSpeed, Megatron-LM and FSDP1
+  (`refuse_unsupported`);
+* ``fully_shard`` splits every parameter along its first dimension, which a scalar (CLIP's
+  temperature and SigLIP's bias) does not have: `scalars_as_vectors` makes each a one-element
+  vector for the run (broadcasting keeps the model's arithmetic), and the `FullReplica`, taken
+  before, gives them back their own shape in the export.
 
 Accelerate 1.16 turns FSDP on only for accelerator devices; on CPU processes (gloo) it would start
 processes that train plain DDP while the config says FSDP. `fsdp_on_cpu` keeps the config's promise
@@ -88,10 +91,9 @@ def refuse_unsupported(distributed_type: str, fsdp_version: int | None = None) -
 
 
 def refuse_unshardable(model: nn.Module, auxiliary: Iterable[str], objective: str, reason: str = "") -> None:
-    """Under FSDP, stop an objective that says why it cannot be sharded (``reason``), that keeps
+    """Under FSDP, stop an objective that says why it cannot be sharded (``reason``), or that keeps
     modules beside its trained model (an EMA teacher or a queue of keys: updating them would need
-    the whole online weights every step), or whose model has a scalar parameter (``fully_shard``
-    shards along a dimension; CLIP's ``logit_scale`` has none)."""
+    the whole online weights every step)."""
     if reason:
         raise ConfigError(f"{objective} cannot train under FSDP: {reason}; train it with DDP "
                           "(recipes/accelerate/ddp_multi_gpu.yaml)")
@@ -100,10 +102,20 @@ def refuse_unshardable(model: nn.Module, auxiliary: Iterable[str], objective: st
         raise ConfigError(
             f"{objective} keeps {', '.join(names)} beside the trained model (an EMA teacher or a queue), which "
             "FSDP would have to rebuild from shards every step; train it with DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
-    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
-    if scalars:
-        raise ConfigError(f"{objective}'s model has scalar parameters ({', '.join(scalars)}), which FSDP2 cannot "
-                          "shard; train it with DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
+
+
+def scalars_as_vectors(model: nn.Module) -> list[str]:
+    """Replace each 0-dim parameter of ``model`` by a one-element vector with the same value (and
+    ``requires_grad``), in place, so that ``fully_shard`` can split it; returns their names. Call it
+    before the optimizer is built: the optimizer must hold the new parameters."""
+    lifted = []
+    for name, param in list(model.named_parameters()):
+        if param.ndim == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            setattr(owner, attr, nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))
+            lifted.append(name)
+    return lifted
 
 
 def without_input_embeddings_question(model: nn.Module) -> None:
@@ -129,7 +141,12 @@ class FullReplica:
         self.skeleton = _copy_with_empty_parameters(model, "meta")
 
     def materialise(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        """The whole model from ``state_dict``; a parameter trained in another shape of the same
+        size (a scalar made a vector by `scalars_as_vectors`) gets the replica's own shape back."""
         model = _copy_with_empty_parameters(self.skeleton, "cpu")
+        own = dict(model.named_parameters())
+        state_dict = {k: (v.reshape(own[k].shape) if k in own and v.shape != own[k].shape
+                          and v.numel() == own[k].numel() else v) for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=True)
         return model
 

@@ -375,14 +375,15 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if cfg.gradient_checkpointing:
             self._enable_gradient_checkpointing(objective)
-        groups = torch_groups(objective.param_groups(objective.model), objective.model)
-        optimizer = build_optimizer(cfg, groups, acc.device)
         if self.sharded:
             sharding.refuse_unshardable(objective.model, objective.auxiliary_modules(), objective.name,
                                         objective.unshardable)
             sharding.without_input_embeddings_question(objective.model)
             if self.is_main:  # what the export and the probes are rebuilt into from the shards
                 self._replica = sharding.FullReplica(objective.model)
+            sharding.scalars_as_vectors(objective.model)  # after the replica: the export keeps their shape
+        groups = torch_groups(objective.param_groups(objective.model), objective.model)
+        optimizer = build_optimizer(cfg, groups, acc.device)
         model, optimizer = acc.prepare(objective.model, optimizer)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
