@@ -62,7 +62,8 @@ def test_other_feature_encoders_are_left_alone(norm: str) -> None:
     assert [type(m) for m in activation_before_transpose(model).modules()] == before
 
 
-def test_every_speech_recipe_trains_the_faster_layout(tmp_path: Path) -> None:
+def test_every_speech_recipe_trains_the_faster_layout_and_hands_its_encoder_a_copy(tmp_path: Path) -> None:
+    """(The copy is what lets the encoder zero padded frames in place under FSDP: tests/test_encoder_input.py.)"""
     from multissl.data.labels import LabelMap
     from multissl.objectives.audio_classification import AudioClassifierModelConfig, build_audio_classifier
     from multissl.objectives.ctc import CTCModelConfig, build_ctc_model
@@ -77,3 +78,4 @@ def test_every_speech_recipe_trains_the_faster_layout(tmp_path: Path) -> None:
     for model in models:
         names = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("ConvLayer")}
         assert names == {"ContiguousWav2Vec2LayerNormConvLayer"}, (type(model).__name__, names)
+        assert model.base_model.encoder._multissl_copies_input, type(model).__name__

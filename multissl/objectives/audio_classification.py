@@ -28,10 +28,10 @@ from multissl.data.audio_tasks import LabelledAudioDataConfig, prepare_labelled_
 from multissl.data.labels import LabelMap, infer_label_map
 from multissl.errors import ConfigError, DataError
 from multissl.models.conv_features import activation_before_transpose
+from multissl.models.encoder_input import encoder_gets_a_copy
 from multissl.objectives.classification import labelled_step, summarize_classification
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
-from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 WAV2VEC2_TYPES = ("wav2vec2",)
 LABEL_COLUMN = "label"
@@ -150,7 +150,7 @@ def build_audio_classifier(cfg: AudioClassifierModelConfig, labels: LabelMap) ->
         model.freeze_base_model()
     elif cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    activation_before_transpose(model)
+    encoder_gets_a_copy(activation_before_transpose(model))
     return model, source
 
 
@@ -193,7 +193,6 @@ class LabelledAudioCollator:
 class AudioClassification(Objective):
     """Cross-entropy over clip-level labels; accuracy and macro-F1; one prediction row per eval clip."""
 
-    unshardable = WAV2VEC2_UNSHARDABLE
     name = "audio-classification"
     best_metric = "accuracy"
 

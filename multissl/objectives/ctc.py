@@ -29,6 +29,7 @@ from multissl.data.audio_tasks import NAMED_IN_WARNINGS, LabelledAudioDataConfig
 from multissl.errors import ConfigError, DataError
 from multissl.metrics import Mean
 from multissl.models.conv_features import activation_before_transpose
+from multissl.models.encoder_input import encoder_gets_a_copy
 from multissl.objectives.finetune import finetuned_card
 from multissl.training.objective import (
     LOWER_IS_BETTER,
@@ -37,7 +38,6 @@ from multissl.training.objective import (
     TrainContext,
     lower_is_better_by_name,
 )
-from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 PAD, UNK, DELIMITER = "<pad>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, UNK, DELIMITER)  # ids 0, 1, 2; characters follow in sorted order
@@ -241,7 +241,7 @@ def build_ctc_model(cfg: CTCModelConfig, vocab: dict[str, int]) -> tuple[nn.Modu
         model, source = Wav2Vec2ForCTC(config), ""
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    return activation_before_transpose(model), source
+    return encoder_gets_a_copy(activation_before_transpose(model)), source
 
 
 # ------------------------------------------------------------------------------- decoding, metrics
@@ -301,7 +301,6 @@ class TranscriptCollator:
 class SpeechRecognition(Objective):
     """CTC loss on ``Wav2Vec2ForCTC``; eval adds greedy-decoded WER/CER and one prediction per utterance."""
 
-    unshardable = WAV2VEC2_UNSHARDABLE
     name = "speech-recognition"
     # CER picks the exported model: a tiny model gets most words partly wrong for a long time (WER
     # sits near 1.0 while CER falls), and at any scale CER still ranks models whose WERs tie.

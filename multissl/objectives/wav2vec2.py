@@ -21,8 +21,8 @@ from multissl.data.audio import AudioSkips
 from multissl.errors import ConfigError, TrainingError, first_line
 from multissl.metrics import Mean
 from multissl.models.conv_features import activation_before_transpose
+from multissl.models.encoder_input import encoder_gets_a_copy
 from multissl.training.objective import ModelCardInfo, Objective, TrainContext
-from multissl.training.sharding import WAV2VEC2_UNSHARDABLE
 
 # hidden, layers, heads, ffn, conv channels, codevectors per group. tiny's codebook is small (2 x 16):
 # with 2 x 64 its codes change almost every frame and stay unpredictable for a model this size.
@@ -162,7 +162,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
 
     if cfg.init_from:
         try:
-            return activation_before_transpose(Wav2Vec2ForPreTraining.from_pretrained(cfg.init_from))
+            return encoder_gets_a_copy(activation_before_transpose(Wav2Vec2ForPreTraining.from_pretrained(cfg.init_from)))
         except Exception as err:
             raise ConfigError(f"model.init_from={cfg.init_from!r}: cannot load ({first_line(err)})") from None
     h, layers, heads, ffn, conv, codevectors = W2V_SIZES[cfg.size]
@@ -180,7 +180,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig, loss: Wav2Vec2LossConfig) -> nn.Mod
         layerdrop=0.0, mask_time_prob=loss.mask_prob, mask_time_length=loss.mask_length,
         num_conv_pos_embeddings=16 if cfg.size == "tiny" else 128, num_conv_pos_embedding_groups=16 if h % 16 == 0 else 1,
     )
-    return activation_before_transpose(Wav2Vec2ForPreTraining(config))
+    return encoder_gets_a_copy(activation_before_transpose(Wav2Vec2ForPreTraining(config)))
 
 
 @dataclass
@@ -208,7 +208,6 @@ class SpanMaskingCollator:
 class Wav2Vec2Pretraining(Objective):
     """Contrastive + diversity loss over masked frames; audio batches from an audio collator."""
 
-    unshardable = WAV2VEC2_UNSHARDABLE
     name = "wav2vec2"
     modality = "audio"
 

@@ -35,9 +35,6 @@ from torch import nn
 from multissl.errors import ConfigError
 
 REFUSED = ("DEEPSPEED", "MEGATRON_LM")
-WAV2VEC2_UNSHARDABLE = ("transformers' wav2vec 2.0 encoder zeroes padded frames in place on its input, which FSDP2's "
-                        "backward hooks forbid")
-"""Why the wav2vec 2.0 family (pretraining, speech recognition, audio classification) trains with DDP only."""
 
 
 def fsdp_requested() -> bool:
