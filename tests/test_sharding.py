@@ -103,12 +103,34 @@ def test_losses_over_both_processes_batches_under_fsdp_are_ddps(method: str, tmp
     timm.create_model(f"local-dir:{fsdp / 'model'}", pretrained=True)
 
 
-def test_an_ema_teacher_under_fsdp_is_refused_before_any_work(tmp_path: Path) -> None:
-    args = ["recipes/byol.py", *IMAGE_SSL]
-    proc = _torchrun(args, tmp_path / "byol", **FSDP_ENV)
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # the recipe's bad-config exit
-    assert "byol keeps target beside the trained model" in proc.stderr and "ddp_multi_gpu.yaml" in proc.stderr
-    assert not (tmp_path / "byol" / "checkpoints").exists()
+def _teacher_state(out: Path, step: int) -> dict[str, torch.Tensor]:
+    """The objective's checkpointed tensors (the EMA teacher, MoCo's queue, DINO's centre) at ``step``."""
+    state = torch.load(out / "checkpoints" / f"step_{step:08d}" / "custom_checkpoint_0.pkl", weights_only=True)
+    return {f"{module}.{k}": v for module, tensors in state["modules"].items() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "dino"])
+def test_ema_teachers_under_fsdp_follow_ddps(method: str, tmp_path: Path) -> None:
+    """The teacher stays whole on every process and follows the sharded online network (its update
+    gathers the online weights): DDP's loss and gradient norm at every step, DDP's teacher, queue and
+    centre in the checkpoint, DDP's export (DINO's is the teacher's backbone); DINO resumes from the
+    sharded checkpoint to the same weights and teacher."""
+    args = [f"recipes/{method}.py", *IMAGE_SSL, "trainer.save_every=2"]
+    ddp, fsdp = _sharded_run_matches_ddp(args, FSDP_ENV, tmp_path, steps=4, checkpoint=2)
+    want, got = _teacher_state(ddp, 4), _teacher_state(fsdp, 4)
+    assert want and got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    exported = _weights(fsdp)
+    for name, tensor in _weights(ddp).items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    if method == "dino":
+        shutil.rmtree(fsdp / "checkpoints" / "step_00000004")
+        shutil.rmtree(fsdp / "model")
+        again = _torchrun(args, fsdp, **FSDP_ENV)
+        assert again.returncode == 0 and "step 2/4" in again.stdout, again.stderr[-3000:]
+        assert all(torch.equal(_weights(fsdp)[k], v) for k, v in exported.items())
+        assert all(torch.equal(_teacher_state(fsdp, 4)[k], v) for k, v in got.items())
 
 
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM", "DistributedType.DEEPSPEED"])
@@ -142,13 +164,35 @@ def test_scalars_become_vectors_for_training_and_scalars_again_in_the_export() -
         replica.materialise({**net.state_dict(), "0.weight": torch.zeros(3, 2)})
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_untouched_adamw_state_steps_as_no_state_does(fused: bool) -> None:
+    """The state given to parameters no step has touched yet (so a sharded checkpoint holds them all)
+    changes nothing: the next steps are those of an optimizer that never saw them."""
+    def make() -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        return net, torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
+
+    (plain, plain_opt), (filled, filled_opt) = make(), make()
+    sharding.every_parameter_has_a_state(filled_opt)
+    assert all(filled_opt.state[p]["step"] == 0 and not filled_opt.state[p]["exp_avg"].any() for p in filled.parameters())
+    for step in range(3):
+        for net, opt in ((plain, plain_opt), (filled, filled_opt)):
+            opt.zero_grad()
+            net(torch.full((4, 3), float(step + 1))).square().sum().backward()
+            net.bias.grad = None if step == 0 else net.bias.grad  # the bias untouched by the first step
+            opt.step()
+        for a, b in zip(plain.parameters(), filled.parameters()):
+            assert torch.equal(a, b)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    sharding.every_parameter_has_a_state(sgd)
+    assert not sgd.state  # other optimizers are left as they are
+
+
 def test_what_cannot_be_sharded_is_named() -> None:
-    net = torch.nn.Linear(2, 2)
-    with pytest.raises(ConfigError, match="moco keeps queue, target beside"):
-        sharding.refuse_unshardable(torch.nn.Linear(2, 2), {"target": net, "queue": net}, "moco")
     with pytest.raises(ConfigError, match="newmethod cannot train under FSDP: its loss reads whole weights"):
-        sharding.refuse_unshardable(torch.nn.Linear(2, 2), {}, "newmethod", "its loss reads whole weights")
-    sharding.refuse_unshardable(torch.nn.Linear(2, 2), {}, "mlm")
+        sharding.refuse_unshardable("newmethod", "its loss reads whole weights")
+    sharding.refuse_unshardable("mlm")
 
 
 def test_a_full_replica_is_weightless_until_filled_and_keeps_ties_and_buffers() -> None:

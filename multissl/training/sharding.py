@@ -9,9 +9,10 @@ weights on the main process need help here:
 * evaluation forwards in lockstep (`lockstep`): an FSDP forward all-gathers each layer's weights,
   so a process that has run out of eval batches forwards a stand-in batch, scored as nothing,
   until the last process is done;
-* EMA teachers and queues (BYOL, MoCo, DINO) would average a shard into a whole tensor: those
-  objectives are refused (`refuse_unshardable`), as are DeepSpeed, Megatron-LM and FSDP1
-  (`refuse_unsupported`);
+* EMA teachers (BYOL, MoCo, DINO) stay whole on every process, outside the sharded model: each
+  step's update gathers the online weights one tensor at a time (`multissl.models.ema`), so the
+  teacher is not sharded (the online weights, gradients and AdamW moments are). DeepSpeed,
+  Megatron-LM and FSDP1 are refused (`refuse_unsupported`);
 * ``fully_shard`` splits every parameter along its first dimension, which a scalar (CLIP's
   temperature and SigLIP's bias) does not have: `scalars_as_vectors` makes each a one-element
   vector for the run (broadcasting keeps the model's arithmetic), and the `FullReplica`, taken
@@ -87,18 +88,11 @@ def refuse_unsupported(distributed_type: str, fsdp_version: int | None = None) -
                           "FSDP2: set fsdp_version: 2 (as recipes/accelerate/fsdp2_full_shard.yaml does)")
 
 
-def refuse_unshardable(model: nn.Module, auxiliary: Iterable[str], objective: str, reason: str = "") -> None:
-    """Under FSDP, stop an objective that says why it cannot be sharded (``reason``), or that keeps
-    modules beside its trained model (an EMA teacher or a queue of keys: updating them would need
-    the whole online weights every step)."""
+def refuse_unshardable(objective: str, reason: str = "") -> None:
+    """Under FSDP, stop an objective that says why it cannot be sharded (``reason``)."""
     if reason:
         raise ConfigError(f"{objective} cannot train under FSDP: {reason}; train it with DDP "
                           "(recipes/accelerate/ddp_multi_gpu.yaml)")
-    names = sorted(auxiliary)
-    if names:
-        raise ConfigError(
-            f"{objective} keeps {', '.join(names)} beside the trained model (an EMA teacher or a queue), which "
-            "FSDP would have to rebuild from shards every step; train it with DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
 
 
 def scalars_as_vectors(model: nn.Module) -> list[str]:
@@ -126,6 +120,31 @@ def without_input_embeddings_question(model: nn.Module) -> None:
         ask()
     except NotImplementedError:
         model.get_input_embeddings = lambda: None  # type: ignore[method-assign]
+
+
+def every_parameter_has_a_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter of an Adam or AdamW ``optimizer`` that has no state yet the state AdamW
+    treats as untouched (step 0, zero moments: its next step is then exactly a first step).
+
+    Resuming a sharded run, ``torch.distributed.checkpoint`` first gives every parameter a state (a
+    step on zero gradients) and then asks the checkpoint for each one; a parameter that no step had
+    touched when the checkpoint was written (DINO's last layer, frozen for its first epoch) has none
+    there, and the resume fails. Started so under FSDP, every checkpoint holds them all. Other
+    optimizers are left as they are."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds torch's
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class FullReplica:

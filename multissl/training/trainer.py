@@ -376,8 +376,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self._enable_gradient_checkpointing(objective)
         if self.sharded:
-            sharding.refuse_unshardable(objective.model, objective.auxiliary_modules(), objective.name,
-                                        objective.unshardable)
+            sharding.refuse_unshardable(objective.name, objective.unshardable)
             sharding.without_input_embeddings_question(objective.model)
             if self.is_main:  # what the export and the probes are rebuilt into from the shards
                 self._replica = sharding.FullReplica(objective.model)
@@ -385,6 +384,8 @@ class Trainer:
         groups = torch_groups(objective.param_groups(objective.model), objective.model)
         optimizer = build_optimizer(cfg, groups, acc.device)
         model, optimizer = acc.prepare(objective.model, optimizer)
+        if self.sharded:  # so that a sharded checkpoint holds every parameter's state
+            sharding.every_parameter_has_a_state(optimizer)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
             model.broadcast_buffers = objective.broadcast_buffers
