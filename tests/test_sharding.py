@@ -155,7 +155,7 @@ def test_scalars_become_vectors_for_training_and_scalars_again_in_the_export() -
     net.frozen = torch.nn.Parameter(torch.tensor(-1.0), requires_grad=False)
     replica = sharding.FullReplica(net)
     assert sorted(sharding.scalars_as_vectors(net)) == ["0.logit_scale", "frozen"]
-    assert net[0].logit_scale.shape == (1,) and float(net[0].logit_scale) == 2.0 and not net.frozen.requires_grad
+    assert net[0].logit_scale.shape == (1,) and float(net[0].logit_scale.detach()) == 2.0 and not net.frozen.requires_grad
     assert {n for n, p in net.named_parameters() if p.ndim == 0} == set()
     whole = replica.materialise({k: v.clone() for k, v in net.state_dict().items()})
     assert whole[0].logit_scale.shape == () and float(whole[0].logit_scale) == 2.0 and float(whole.frozen) == -1.0
