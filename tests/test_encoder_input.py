@@ -24,10 +24,13 @@ class _AsFsdpHandsItOver(torch.autograd.Function):
         return grad
 
 
-def _encode(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, through_view: bool) -> torch.Tensor:
+def _encode(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, through_view: bool,
+            by_name: bool = False) -> torch.Tensor:
     x = hidden.clone().requires_grad_(True)
     given = _AsFsdpHandsItOver.apply(x) if through_view else x * 1.0  # (as DDP hands it over: a layer's output)
-    y = model.wav2vec2.encoder(given, attention_mask=mask).last_hidden_state
+    encoder = model.wav2vec2.encoder
+    out = encoder(hidden_states=given, attention_mask=mask) if by_name else encoder(given, attention_mask=mask)
+    y = out.last_hidden_state
     (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     return torch.cat([y.detach().flatten(), x.grad.flatten()])
 
@@ -44,6 +47,8 @@ def test_the_encoder_runs_on_a_custom_functions_view_with_the_same_outputs_and_g
         _encode(model, hidden, mask, through_view=True)
     model.zero_grad()
     assert encoder_gets_a_copy(model) is model
-    torch.testing.assert_close(_encode(model, hidden, mask, through_view=True), want, rtol=0, atol=0)
+    for by_name in (False, True):
+        torch.testing.assert_close(_encode(model, hidden, mask, through_view=True, by_name=by_name), want, rtol=0, atol=0)
+        model.zero_grad()
     encoder_gets_a_copy(model)  # idempotent: one hook, not two
     assert len(model.wav2vec2.encoder._forward_pre_hooks) == 1

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
-def _copy_first_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if not args or not hasattr(args[0], "clone"):
-        return None
-    return (args[0].clone(), *args[1:])
+def _copy_hidden_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The encoder's input, ``hidden_states`` (first positional or by name), replaced by a copy."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0].clone(), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].clone()}
+    return None
 
 
 def encoder_gets_a_copy(model: nn.Module) -> nn.Module:
@@ -27,6 +32,6 @@ def encoder_gets_a_copy(model: nn.Module) -> nn.Module:
     forward (in place; returned for chaining). A model without ``base_model.encoder`` is left as it is."""
     encoder = getattr(getattr(model, "base_model", model), "encoder", None)
     if isinstance(encoder, nn.Module) and not getattr(encoder, "_multissl_copies_input", False):
-        encoder.register_forward_pre_hook(_copy_first_input)
+        encoder.register_forward_pre_hook(_copy_hidden_states, with_kwargs=True)
         encoder._multissl_copies_input = True
     return model
