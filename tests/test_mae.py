@@ -176,11 +176,42 @@ def test_mae_learns_to_reconstruct_held_out_digits(tmp_path: Path) -> None:
     ("model.config={patch_sise: 4}", "unknown ViTMAEConfig key 'patch_sise'"),
     ("model.config={patch_size: 5}", "not a multiple of model.config.patch_size=5"),
     ("loss.mask_ratio=1.0", "loss.mask_ratio must be in"),
+    ("model.attn_implementation=flash", "attn_implementation"),
 ])
 def test_bad_model_configs_are_one_line_errors(override: str, message: str, tmp_path: Path) -> None:
     args = [a for a in _args(tmp_path / "bad", 1) if not a.startswith(override.split("=")[0] + "=")]
     with pytest.raises(ConfigError, match=message):
         _main([*args, override])
+
+
+def test_the_attention_kernel_is_the_configs_and_changes_no_arithmetic() -> None:
+    """The tiny preset pretrains with the plain attention path (faster on CPU at its token counts):
+    the choice reaches the model, and loss and gradients equal SDPA's."""
+    import transformers.models.vit_mae.modeling_vit_mae as vit_mae
+
+    from multissl.objectives.mae import MAELossConfig, MAEModelConfig, build_mae
+
+    models = {}
+    for kernel in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        models[kernel] = build_mae(MAEModelConfig(config=_small_config(), attn_implementation=kernel), MAELossConfig(), 16)
+        assert models[kernel].config._attn_implementation == kernel
+    pixels, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    calls: list[int] = []
+    eager = vit_mae.eager_attention_forward
+    vit_mae.eager_attention_forward = lambda *a, **k: (calls.append(1), eager(*a, **k))[1]
+    try:
+        losses = {}
+        for kernel, model in models.items():
+            before = len(calls)
+            losses[kernel] = model(pixel_values=pixels, noise=noise).loss
+            losses[kernel].backward()
+            assert (len(calls) > before) == (kernel == "eager")  # 3 blocks, encoder and decoder
+    finally:
+        vit_mae.eager_attention_forward = eager
+    torch.testing.assert_close(losses["eager"], losses["sdpa"])
+    for (name, a), (_, b) in zip(models["eager"].named_parameters(), models["sdpa"].named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_the_mae_encoder_fine_tunes_into_a_classifier_that_pipeline_runs(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class MAEModelConfig:
     config: dict[str, Any] = field(default_factory=dict)
     """e.g. hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size,
     decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """The attention kernel while pretraining (the same arithmetic). On a GPU, SDPA's fused kernels
+    win; on CPU at the tiny preset's 17 visible and 65 decoder tokens, the plain matmul-softmax path
+    is faster than torch's CPU flash kernel (the tiny preset uses it; see the README's benchmark)."""
 
     def __post_init__(self) -> None:
         for key, where in (("image_size", "augment.size"), ("mask_ratio", "loss.mask_ratio"),
@@ -82,7 +86,7 @@ def build_mae(model: MAEModelConfig, loss: MAELossConfig, image_size: int) -> nn
         raise ConfigError(f"model.config: unknown ViTMAEConfig key {unknown[0]!r}{hint}")
     try:
         config = ViTMAEConfig(**model.config, image_size=image_size, mask_ratio=loss.mask_ratio,
-                              norm_pix_loss=loss.norm_pix)
+                              norm_pix_loss=loss.norm_pix, attn_implementation=model.attn_implementation)
     except TypeError as err:
         raise ConfigError(f"model.config: {err}") from None
     if image_size % config.patch_size:
