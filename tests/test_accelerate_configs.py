@@ -50,7 +50,8 @@ def launcher_env(name: str, **overrides: str) -> dict[str, str]:
 
     args = launch_command_parser().parse_args(["--config_file", str(ROOT / "recipes" / "accelerate" / name), "x.py"])
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
-    fsdp = {k: v for k, v in env.items() if k.startswith(("FSDP_", "PARALLELISM_CONFIG_")) or k == "ACCELERATE_USE_FSDP"}
+    fsdp = {k: v for k, v in env.items() if k.startswith(("FSDP_", "PARALLELISM_CONFIG_"))
+            or k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_PARALLELISM_CONFIG")}
     return {**fsdp, **overrides}
 
 
@@ -70,3 +71,6 @@ def test_the_fsdp2_configs_launch_sharded_bf16_with_sharded_checkpoints(name: st
     if replicas > 1:  # hybrid: sharded within a machine, replicated across machines
         assert int(env["PARALLELISM_CONFIG_DP_REPLICATE_SIZE"]) * int(env["PARALLELISM_CONFIG_DP_SHARD_SIZE"]) == processes
         assert int(env["PARALLELISM_CONFIG_DP_REPLICATE_SIZE"]) == replicas
+        assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+    else:
+        assert "ACCELERATE_USE_PARALLELISM_CONFIG" not in env

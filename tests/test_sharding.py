@@ -34,9 +34,9 @@ IMAGE_SSL = ["trainer.max_steps=4", "trainer.batch_size=16", "trainer.log_every=
           "trainer.eval_every=2", "augment.size=16", "model.backbone.kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 16, 32]}"]
 
 
-def _torchrun(args: list[str], out: Path, **env: str):  # noqa: ANN202 - a CompletedProcess
-    return run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args, f"trainer.output_dir={out}"],
-               timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **env)
+def _torchrun(args: list[str], out: Path, processes: int = 2, **env: str):  # noqa: ANN202 - a CompletedProcess
+    return run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(processes), *args,
+                f"trainer.output_dir={out}"], timeout=600, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **env)
 
 
 def _train_records(out: Path) -> list[dict]:
@@ -81,6 +81,41 @@ def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -
     assert "resuming from" in again.stdout and "step 3/6" in again.stdout
     for name, tensor in exported.items():
         assert torch.equal(_weights(fsdp)[name], tensor), name
+
+
+def test_hybrid_sharding_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
+    """recipes/accelerate/fsdp2_hybrid_shard.yaml's environment with its sizes cut to 4 processes:
+    2 replicas of 2-process shard groups (HSDP), against DDP on the same 4 processes."""
+    hybrid = launcher_env("fsdp2_hybrid_shard.yaml", PARALLELISM_CONFIG_DP_SHARD_SIZE="2")
+    assert hybrid["PARALLELISM_CONFIG_DP_REPLICATE_SIZE"] == "2"
+    ddp, hsdp = tmp_path / "ddp", tmp_path / "hsdp"
+    for out, env in ((ddp, {}), (hsdp, hybrid)):
+        proc = _torchrun(MLM, out, processes=4, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 hybrid sharding: each weight sharded over 2 processes, replicated 2x" in proc.stdout
+    assert (hsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
+    want, got = _train_records(ddp), _train_records(hsdp)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    exported = _weights(hsdp)
+    for name, tensor in _weights(ddp).items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    shutil.rmtree(hsdp / "checkpoints" / "step_00000006")
+    shutil.rmtree(hsdp / "model")
+    again = _torchrun(MLM, hsdp, processes=4, **hybrid)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step 3/6" in again.stdout
+    for name, tensor in exported.items():
+        assert torch.equal(_weights(hsdp)[name], tensor), name
+
+
+def test_parallelism_sizes_that_do_not_match_the_processes_are_one_error(tmp_path: Path) -> None:
+    hybrid = launcher_env("fsdp2_hybrid_shard.yaml")  # 2 x 8 = 16 processes asked, 2 started
+    proc = _torchrun([*MLM, "trainer.max_steps=1"], tmp_path / "bad", **hybrid)
+    assert proc.returncode != 0
+    assert "parallelism sizes multiply to 16 processes" in proc.stderr and "but 2 were started" in proc.stderr
 
 
 @pytest.mark.parametrize("method", ["simclr", "barlow_twins", "vicreg"])

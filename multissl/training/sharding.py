@@ -20,11 +20,15 @@ weights on the main process need help here:
 
 Accelerate 1.16 turns FSDP on only for accelerator devices; on CPU processes (gloo) it would start
 processes that train plain DDP while the config says FSDP. `fsdp_on_cpu` keeps the config's promise
-there, which is also how the suite tests the sharded path without a GPU.
+there, which is also how the suite tests the sharded path without a GPU. A launcher config with a
+``parallelism_config`` (hybrid sharding: replicas of sharded groups) is held back while the
+`Accelerator` is built on CPU (Accelerate refuses a device mesh for CPU processes before it knows
+they shard) and given to it, with its device mesh, once they do (`parallelism_held_back`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Iterable, Iterator
@@ -55,8 +59,28 @@ def cpu_fsdp_plugin(cpu: bool) -> Any:
     return FullyShardedDataParallelPlugin()  # every field from the launcher's FSDP_* environment
 
 
-def fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
-    """Make a multi-process CPU run shard as its config asks (see the module docstring)."""
+USE_PARALLELISM_CONFIG = "ACCELERATE_USE_PARALLELISM_CONFIG"
+
+
+@contextlib.contextmanager
+def parallelism_held_back(plugin: Any) -> Iterator[bool]:
+    """While the `Accelerator` is built for CPU FSDP (``plugin``), hide the launcher's request for a
+    parallelism config (HSDP's device mesh) from it; yields whether there was one, for `fsdp_on_cpu`."""
+    asked = os.environ.get(USE_PARALLELISM_CONFIG, "false").lower() == "true"
+    if plugin is None or not asked:
+        yield False
+        return
+    os.environ[USE_PARALLELISM_CONFIG] = "false"
+    try:
+        yield True
+    finally:
+        os.environ[USE_PARALLELISM_CONFIG] = "true"
+
+
+def fsdp_on_cpu(accelerator: Any, plugin: Any, parallelism: bool = False) -> None:
+    """Make a multi-process CPU run shard as its config asks (see the module docstring); with
+    ``parallelism``, over the device mesh of the launcher's ``PARALLELISM_CONFIG_*`` sizes (HSDP:
+    each weight sharded within a group of ``dp_shard_size`` processes, replicated across groups)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -67,6 +91,37 @@ def fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as Accelerate keeps the two
+    if parallelism:
+        from accelerate.parallelism_config import ParallelismConfig
+
+        config = ParallelismConfig()  # its sizes from the launcher's environment
+        if config.total_size != accelerator.num_processes:
+            raise ConfigError(f"the accelerate config's parallelism sizes multiply to {config.total_size} processes "
+                              f"(dp_replicate x dp_shard x tp x cp), but {accelerator.num_processes} were started")
+        accelerator.state.parallelism_config = config
+        accelerator.state.device_mesh = config.get_device_mesh("cpu")
+        config._validate_accelerator(accelerator)
+
+
+def layout(model: nn.Module) -> str:
+    """How the prepared model's weights are spread, read off its first parameter (a DTensor under
+    FSDP2), for the run's start-up line: full sharding, or HSDP's replicas of sharded groups."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    if param is None:
+        return "FSDP2: no sharded parameter"
+    mesh, placements = param.device_mesh, param.placements
+    replicas = 1
+    shards = 1
+    for size, placement in zip(mesh.shape, placements, strict=True):
+        if isinstance(placement, Replicate):
+            replicas *= size
+        else:
+            shards *= size
+    if replicas > 1:
+        return f"FSDP2 hybrid sharding: each weight sharded over {shards} processes, replicated {replicas}x"
+    return f"FSDP2: each weight sharded over {shards} processes"
 
 
 def is_sharded(accelerator: Any) -> bool:

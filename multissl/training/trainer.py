@@ -86,17 +86,18 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         fsdp_plugin = sharding.cpu_fsdp_plugin(cfg.cpu)
-        self.accelerator = Accelerator(
-            fsdp_plugin=fsdp_plugin,
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.grad_accum_steps,
-            cpu=cfg.cpu,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(
-                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
-            ),
-        )
-        sharding.fsdp_on_cpu(self.accelerator, fsdp_plugin)
+        with sharding.parallelism_held_back(fsdp_plugin) as parallelism:
+            self.accelerator = Accelerator(
+                fsdp_plugin=fsdp_plugin,
+                mixed_precision=cfg.mixed_precision,
+                gradient_accumulation_steps=cfg.grad_accum_steps,
+                cpu=cfg.cpu,
+                log_with=trackers or None,
+                project_config=ProjectConfiguration(
+                    project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
+                ),
+            )
+        sharding.fsdp_on_cpu(self.accelerator, fsdp_plugin, parallelism)
         self.sharded = sharding.is_sharded(self.accelerator)
         sharding.refuse_unsupported(str(self.accelerator.distributed_type),
                                     getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", None) if self.sharded else None)
@@ -386,6 +387,7 @@ class Trainer:
         model, optimizer = acc.prepare(objective.model, optimizer)
         if self.sharded:  # so that a sharded checkpoint holds every parameter's state
             sharding.every_parameter_has_a_state(optimizer)
+            self.print(sharding.layout(model))
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
             model.broadcast_buffers = objective.broadcast_buffers
