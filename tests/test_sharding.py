@@ -49,38 +49,49 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
 
-def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
+def _mlm_sharded_matches_ddp(tmp_path: Path, env: dict[str, str], processes: int = 2) -> tuple[Path, Path, str]:
+    """MLM under DDP and sharded (``env``) on ``processes``: sharded checkpoints, DDP's loss and
+    gradient norm at each of 6 steps, and DDP's export to float rounding. Returns the two output
+    folders and the sharded run's stdout."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    for out, env in ((ddp, {}), (fsdp, BERT_LAYERS)):
-        proc = _torchrun(MLM, out, **env)
+    for out, run_env in ((ddp, {}), (fsdp, env)):
+        proc = _torchrun(MLM, out, processes, **run_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = fsdp / "checkpoints" / "step_00000003"
-    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir(), "sharded checkpoints"
-    assert not (ckpt / "model.safetensors").exists()
+    assert (fsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
     want, got = _train_records(ddp), _train_records(fsdp)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
-    evals = [r for r in map(json.loads, (fsdp / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [0, 3, 6]
-
-    # the export is the whole model: transformers loads it, and it is DDP's to float rounding
-    from transformers import AutoModelForMaskedLM
-
     exported = _weights(fsdp)
-    assert AutoModelForMaskedLM.from_pretrained(fsdp / "model") is not None
     for name, tensor in _weights(ddp).items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    return ddp, fsdp, proc.stdout
 
-    # killed after step 3's checkpoint: the rerun resumes from the shards and ends where the straight run did
+
+def _mlm_resumes_from_the_step_3_shards(fsdp: Path, env: dict[str, str], processes: int = 2) -> None:
+    """Killed after step 3's checkpoint: the rerun resumes from the shards and ends on the weights
+    the straight run exported."""
+    exported = _weights(fsdp)
     shutil.rmtree(fsdp / "checkpoints" / "step_00000006")
     shutil.rmtree(fsdp / "model")
-    again = _torchrun(MLM, fsdp, **BERT_LAYERS)
+    again = _torchrun(MLM, fsdp, processes, **env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "step 3/6" in again.stdout
     for name, tensor in exported.items():
         assert torch.equal(_weights(fsdp)[name], tensor), name
+
+
+def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
+    _, fsdp, _ = _mlm_sharded_matches_ddp(tmp_path, BERT_LAYERS)
+    ckpt = fsdp / "checkpoints" / "step_00000003"
+    assert (ckpt / "optimizer_0").is_dir() and not (ckpt / "model.safetensors").exists(), "sharded checkpoints"
+    evals = [r for r in map(json.loads, (fsdp / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    from transformers import AutoModelForMaskedLM  # the export is the whole model: transformers loads it
+
+    assert AutoModelForMaskedLM.from_pretrained(fsdp / "model") is not None
+    _mlm_resumes_from_the_step_3_shards(fsdp, BERT_LAYERS)
 
 
 def test_hybrid_sharding_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
@@ -88,27 +99,9 @@ def test_hybrid_sharding_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) 
     2 replicas of 2-process shard groups (HSDP), against DDP on the same 4 processes."""
     hybrid = launcher_env("fsdp2_hybrid_shard.yaml", PARALLELISM_CONFIG_DP_SHARD_SIZE="2")
     assert hybrid["PARALLELISM_CONFIG_DP_REPLICATE_SIZE"] == "2"
-    ddp, hsdp = tmp_path / "ddp", tmp_path / "hsdp"
-    for out, env in ((ddp, {}), (hsdp, hybrid)):
-        proc = _torchrun(MLM, out, processes=4, **env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FSDP2 hybrid sharding: each weight sharded over 2 processes, replicated 2x" in proc.stdout
-    assert (hsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(hsdp)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
-    exported = _weights(hsdp)
-    for name, tensor in _weights(ddp).items():
-        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    shutil.rmtree(hsdp / "checkpoints" / "step_00000006")
-    shutil.rmtree(hsdp / "model")
-    again = _torchrun(MLM, hsdp, processes=4, **hybrid)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "step 3/6" in again.stdout
-    for name, tensor in exported.items():
-        assert torch.equal(_weights(hsdp)[name], tensor), name
+    _, hsdp, stdout = _mlm_sharded_matches_ddp(tmp_path, hybrid, processes=4)
+    assert "FSDP2 hybrid sharding: each weight sharded over 2 processes, replicated 2x" in stdout
+    _mlm_resumes_from_the_step_3_shards(hsdp, hybrid, processes=4)
 
 
 def test_parallelism_sizes_that_do_not_match_the_processes_are_one_error(tmp_path: Path) -> None:
