@@ -14,7 +14,7 @@ CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 def test_the_configs_are_shipped() -> None:
     assert {p.name for p in CONFIGS} == {"ddp_multi_gpu.yaml", "multi_node.yaml", "fsdp2_full_shard.yaml",
-                                         "fsdp2_hybrid_shard.yaml"}
+                                         "fsdp2_hybrid_shard.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

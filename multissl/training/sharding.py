@@ -39,7 +39,7 @@ from torch import nn
 
 from multissl.errors import ConfigError
 
-REFUSED = ("DEEPSPEED", "MEGATRON_LM")
+REFUSED = ("MEGATRON_LM",)
 
 
 def fsdp_requested() -> bool:
@@ -132,12 +132,13 @@ def is_sharded(accelerator: Any) -> bool:
 
 def refuse_unsupported(distributed_type: str, fsdp_version: int | None = None) -> None:
     """Stop before any work under a launcher config the trainer cannot keep its promises under:
-    DeepSpeed and Megatron-LM (not wired in), and FSDP1 (FSDP2 is what is supported and tested)."""
+    Megatron-LM (not wired in) and FSDP1 (FSDP2 is what is supported and tested)."""
     kind = str(distributed_type).rsplit(".", 1)[-1]
     if kind in REFUSED:
         raise ConfigError(
             f"the accelerate config asks for {kind}, which multissl's trainer does not support yet; use FSDP2 "
-            "(recipes/accelerate/fsdp2_full_shard.yaml) or DDP (recipes/accelerate/ddp_multi_gpu.yaml)")
+            "(recipes/accelerate/fsdp2_full_shard.yaml), DeepSpeed (recipes/accelerate/deepspeed_zero2.yaml) or DDP "
+            "(recipes/accelerate/ddp_multi_gpu.yaml)")
     if kind == "FSDP" and fsdp_version != 2:
         raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; multissl shards with "
                           "FSDP2: set fsdp_version: 2 (as recipes/accelerate/fsdp2_full_shard.yaml does)")
@@ -226,9 +227,16 @@ def _copy_with_empty_parameters(model: nn.Module, device: str) -> nn.Module:
     """A deep copy of ``model`` whose parameters are new, uninitialised ones on ``device``: the copy
     meets each parameter in its memo first, so no parameter data is copied, and a tied parameter
     (one object in two places) becomes one new parameter."""
-    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty(_whole_shape(p), dtype=p.dtype, device=device),
+                                                requires_grad=p.requires_grad)
                             for p in model.parameters()}
     return copy.deepcopy(model, memo)
+
+
+def _whole_shape(param: nn.Parameter) -> torch.Size:
+    """The parameter's whole shape: DeepSpeed's ZeRO-3 leaves an empty tensor in a parameter built
+    partitioned (transformers does under ZeRO-3) and keeps the shape in ``ds_shape``."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

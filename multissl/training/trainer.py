@@ -28,7 +28,7 @@ from multissl import config as config_lib
 from multissl.errors import ConfigError, OutputError, TrainingError, TrainingInterrupted, first_line
 from multissl.full_disk import is_out_of_space, no_space_error
 from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
-from multissl.training import sharding
+from multissl.training import sharding, zero
 from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
 from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
@@ -86,12 +86,12 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         fsdp_plugin = sharding.cpu_fsdp_plugin(cfg.cpu)
-        with sharding.parallelism_held_back(fsdp_plugin) as parallelism:
+        with sharding.parallelism_held_back(fsdp_plugin) as parallelism, zero.process_group(cfg.cpu) as ds_args:
             self.accelerator = Accelerator(
                 fsdp_plugin=fsdp_plugin,
                 mixed_precision=cfg.mixed_precision,
                 gradient_accumulation_steps=cfg.grad_accum_steps,
-                cpu=cfg.cpu,
+                **{"cpu": cfg.cpu, **ds_args},
                 log_with=trackers or None,
                 project_config=ProjectConfiguration(
                     project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
@@ -99,9 +99,13 @@ class Trainer:
             )
         sharding.fsdp_on_cpu(self.accelerator, fsdp_plugin, parallelism)
         self.sharded = sharding.is_sharded(self.accelerator)
+        self.deepspeed = zero.is_deepspeed(self.accelerator)
+        if self.deepspeed:
+            zero.honour_init_flag(self.accelerator)
+        self._input_dtype = zero.input_dtype(self.accelerator) if self.deepspeed else None
         sharding.refuse_unsupported(str(self.accelerator.distributed_type),
                                     getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", None) if self.sharded else None)
-        self._replica: sharding.FullReplica | None = None
+        self._replica: sharding.FullReplica | None = None  # under FSDP and DeepSpeed: what the export is rebuilt into
         self._whole: tuple[int, nn.Module | None] | None = None  # (updates, whole copy) under FSDP
         self._updates = 0  # optimizer updates this process has made (the whole copy's key)
         if cfg.tf32 and torch.cuda.is_available():
@@ -382,12 +386,20 @@ class Trainer:
             if self.is_main:  # what the export and the probes are rebuilt into from the shards
                 self._replica = sharding.FullReplica(objective.model)
             sharding.scalars_as_vectors(objective.model)  # after the replica: the export keeps their shape
+        if self.deepspeed:
+            zero.refuse_step_edits(objective)
+            if self.is_main:  # the export is rebuilt from the engine's fp32 master weights
+                self._replica = sharding.FullReplica(objective.model)
+            zero.fill_config(acc, cfg.batch_size, cfg.grad_accum_steps, cfg.max_grad_norm, cfg.mixed_precision)
         groups = torch_groups(objective.param_groups(objective.model), objective.model)
         optimizer = build_optimizer(cfg, groups, acc.device)
         model, optimizer = acc.prepare(objective.model, optimizer)
         if self.sharded:  # so that a sharded checkpoint holds every parameter's state
             sharding.every_parameter_has_a_state(optimizer)
             self.print(sharding.layout(model))
+        if self.deepspeed:
+            zero.follow_train_mode(model)
+            self.print(zero.layout(acc))
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
             model.broadcast_buffers = objective.broadcast_buffers
@@ -556,7 +568,7 @@ class Trainer:
             batch = next(batches)
             self.data_wait_seconds += time.perf_counter() - waited
             counter.add(objective.count(batch))
-            batch = _to_device(batch, acc.device)
+            batch = _to_device(batch, acc.device, self._input_dtype)
             with acc.accumulate(model), acc.autocast():
                 out = objective.compute(model, batch)
                 loss = self._backward_loss(out["loss"])
@@ -568,7 +580,10 @@ class Trainer:
         if acc.num_processes > 1:
             nonfinite_loss = acc.reduce(nonfinite_loss, reduction="sum")
         extra: dict[str, float] = {}
-        if bool(nonfinite_loss.item() > 0) or (cfg.mixed_precision != "fp16" and not math.isfinite(grad_norm_f)):
+        # under DeepSpeed the engine has already stepped, or skipped a step with non-finite gradients
+        engine_skipped = self.deepspeed and not model.was_step_applied()
+        if bool(nonfinite_loss.item() > 0) or (cfg.mixed_precision != "fp16" and not math.isfinite(grad_norm_f)) \
+                or (engine_skipped and cfg.mixed_precision != "fp16"):
             state.nonfinite_in_a_row += 1
             state.nonfinite_total += 1
             if acc.scaler is not None:  # fp16: grads were unscaled; lower the scale and re-arm
@@ -581,6 +596,8 @@ class Trainer:
                     f"loss was non-finite for {state.nonfinite_in_a_row} steps in a row (step {state.step + 1}); "
                     "try a lower trainer.lr, trainer.max_grad_norm=1.0 or mixed_precision=bf16 instead of fp16"
                 )
+            state.step += 1
+        elif engine_skipped:  # fp16 under DeepSpeed: its loss scaler skipped an overflow and lowered the scale
             state.step += 1
         else:
             state.nonfinite_in_a_row = 0
@@ -623,13 +640,13 @@ class Trainer:
             ddp.require_forward_param_sync = False
         sums = MetricSums()
         predictions: list[dict[str, Any]] = []
-        batches = (sharding.lockstep(loader, self.cfg.eval_max_batches, acc) if self.sharded
+        batches = (sharding.lockstep(loader, self.cfg.eval_max_batches, acc) if self.sharded or self.deepspeed
                    else ((b, True) for b in itertools.islice(loader, self.cfg.eval_max_batches or None)))
         for batch, real in batches:
             if counter is not None and real:
                 counter.add({u: n for u, n in objective.count(batch).items() if u.startswith(SKIP_PREFIX)})
             with acc.autocast():
-                out = objective.compute(model, _to_device(batch, acc.device))
+                out = objective.compute(model, _to_device(batch, acc.device, self._input_dtype))
             if not real:  # a stand-in forward, so that a sharded model's processes gather together
                 continue
             predictions.extend(out.pop("predictions", None) or [])
@@ -702,10 +719,12 @@ class Trainer:
         their own sharded model."""
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
-        if not self.sharded:
+        if not (self.sharded or self.deepspeed):
             return objective.export(unwrapped)
         if self._whole is None or self._whole[0] != self._updates:  # the same on every process
-            whole, failure = sharding.full_state_dict(unwrapped), None
+            whole = (zero.full_state_dict(unwrapped, keep=self.is_main) if self.deepspeed
+                     else sharding.full_state_dict(unwrapped))
+            failure: Exception | None = None
             copy = None
             if self._replica is not None:
                 try:
@@ -935,14 +954,16 @@ def _file_being_written(err: BaseException, writing: Sequence[Path], rank: int, 
     return max(files, key=newest)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors inside dicts, lists and tuples (views of several sizes) moved to ``device``."""
+def _to_device(batch: Any, device: torch.device, floats: torch.dtype | None = None) -> Any:
+    """Tensors inside dicts, lists and tuples (views of several sizes) moved to ``device``, floating
+    ones cast to ``floats`` where given (DeepSpeed's half-precision weights take no fp32 input)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        dtype = floats if floats is not None and batch.is_floating_point() else None
+        return batch.to(device, dtype=dtype, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, floats) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_to_device(v, device, floats) for v in batch)
     return batch
 
 
