@@ -38,9 +38,11 @@ def tiny_args(out: Path, steps: int = 20, **extra: object) -> list[str]:
     return args
 
 
-def run(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """A command from the repository root, offline, with the package importable."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+def run(args: list[str], timeout: int = 300, **env: str | None) -> subprocess.CompletedProcess:
+    """A command from the repository root, offline, with the package importable; a variable given
+    as None is left out (as on a user's machine, where nothing sets ``ACCELERATE_USE_CPU``)."""
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
 

@@ -23,10 +23,11 @@ CONFIGS = ROOT / "recipes" / "accelerate"
 
 
 def _launch(config: str, args: list[str], *rest: str, timeout: int = 600):  # noqa: ANN202 - a CompletedProcess
-    """``accelerate launch`` as a user types it, with 2 processes and the launcher's precision off
-    (the trainer's own ``trainer.mixed_precision`` decides); on CPU it starts them with torchrun."""
+    """``accelerate launch`` as a user types it on a machine without a GPU (nothing sets
+    ``ACCELERATE_USE_CPU``), with 2 processes and the launcher's precision off (the trainer's own
+    ``trainer.mixed_precision`` decides); it starts them with torchrun."""
     return run([str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
-                "--mixed_precision", "no", *args, *rest], timeout=timeout, OMP_NUM_THREADS="1")
+                "--mixed_precision", "no", *args, *rest], timeout=timeout, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,21 @@ def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -
     _mlm_resumes_from_the_step_3_shards(fsdp, BERT_LAYERS)
 
 
+def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu_processes(tmp_path: Path) -> None:
+    """``accelerate launch --config_file fsdp2_full_shard.yaml`` as a user types it, on a machine
+    without a GPU: the processes find each other (gloo) and shard, as under torchrun with
+    ``ACCELERATE_USE_CPU``, instead of each training alone in a world of one."""
+    out = tmp_path / "run"
+    proc = run([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/fsdp2_full_shard.yaml",
+                "--num_processes", "2", "--mixed_precision", "no", "recipes/mlm.py", "trainer.max_steps=2",
+                "trainer.save_every=2", "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.trackers=[]",
+                "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=4", f"trainer.output_dir={out}"],
+               timeout=600, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2: each weight sharded over 2 processes" in proc.stdout
+    assert (out / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir()
+
+
 def test_hybrid_sharding_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:
     """recipes/accelerate/fsdp2_hybrid_shard.yaml's environment with its sizes cut to 4 processes:
     2 replicas of 2-process shard groups (HSDP), against DDP on the same 4 processes."""

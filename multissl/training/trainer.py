@@ -91,7 +91,7 @@ class Trainer:
                 fsdp_plugin=fsdp_plugin,
                 mixed_precision=cfg.mixed_precision,
                 gradient_accumulation_steps=cfg.grad_accum_steps,
-                **{"cpu": cfg.cpu, **ds_args},
+                **{"cpu": cfg.cpu or fsdp_plugin is not None, **ds_args},  # CPU FSDP: gloo, as torchrun + ACCELERATE_USE_CPU
                 log_with=trackers or None,
                 project_config=ProjectConfiguration(
                     project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
