@@ -28,6 +28,11 @@ files (each longer than the crop, so every utterance is cropped to the same leng
 embedded shapes corpus for CLIP (64-pixel PNGs, resized to 224 by open_clip's transforms; listed
 under as many names as one epoch of the run needs). Both sides read the same files.
 
+Launched sides (``--launchers``; on CUDA by default ``zero2 fsdp2`` for MLM): the multissl side again
+under ``accelerate launch --config_file recipes/accelerate/<config>`` on every GPU (2 processes on the
+CPU), the same effective batch split between them; its throughput is theirs together and its MFU
+per GPU. They are there so that the first GPU run exercises DeepSpeed and FSDP2 on NCCL with bf16.
+
 multissl side: the recipe's ``main`` with ``key=value`` overrides (bf16, SDPA, fused AdamW on CUDA,
 ``trainer.compile``), each side in its own process (peak memory is its own). Its numbers are the
 trainer's own log records (``throughput/<unit>_per_s``, ``perf/step_seconds``,
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -79,6 +85,11 @@ UNITS = {"mlm": "tokens", "clm": "tokens", "wav2vec2": "audio_seconds", "clip": 
 UNIT_LABELS = {"tokens": "tokens/s", "audio_seconds": "audio-s/s", "samples": "samples/s"}
 UNIT_NAMES = {"tokens": "token", "audio_seconds": "second of audio", "samples": "image-caption pair"}
 CONFIG_CLASSES = {"mlm": "MLMConfig", "clm": "CLMConfig", "wav2vec2": "Wav2Vec2Config", "clip": "ClipConfig"}
+LAUNCHERS = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml", "fsdp2": "fsdp2_full_shard.yaml"}
+"""Extra multissl sides (``--launchers``): the recipe under ``accelerate launch --config_file
+recipes/accelerate/<file>`` on every GPU (2 processes on the CPU), the same effective batch."""
+LAYER_TO_WRAP = {"mlm": "BertLayer", "clm": "GPT2Block"}
+LAUNCHED_WORKLOADS = tuple(LAYER_TO_WRAP)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, by torch.cuda.get_device_name();
 # the first pattern that matches wins. Others (A10G: NVIDIA publishes no dense figure): --peak-tflops.
@@ -237,7 +248,8 @@ def recipe_argv(plan: dict[str, Any]) -> list[str]:
     precision = "bf16" if plan["bf16"] else "'no'"  # quoted: YAML reads a bare no as false
     argv += [
         f"trainer.output_dir={plan['run_dir']}", f"trainer.seed={SEED}", f"trainer.max_steps={plan['steps']}",
-        f"trainer.batch_size={shape.batch}", "trainer.grad_accum_steps=1", f"trainer.warmup_steps={plan['warmup']}",
+        f"trainer.batch_size={shape.batch // plan.get('processes', 1)}", "trainer.grad_accum_steps=1",
+        f"trainer.warmup_steps={plan['warmup']}",
         f"trainer.log_every={plan['log_every']}", "trainer.eval_every=0", "trainer.save_every=0",
         "trainer.progress_bar=false", "trainer.trackers=[]", f"trainer.num_workers={shape.workers}",
         f"trainer.mixed_precision={precision}", f"trainer.compile={str(plan['compile']).lower()}",
@@ -343,6 +355,8 @@ def run_multissl(plan: dict[str, Any]) -> dict[str, Any]:
         out.update(source="step clock", step_seconds=out["clock"]["step_seconds"],
                    units_per_s=out["clock"]["units_per_s"], data_fraction=out["clock"]["data_fraction"])
 
+    if plan.get("launcher"):  # sharded or partitioned weights: the plain side counts the FLOPs
+        return {**out, "processes": plan["processes"], "launcher": plan["launcher"]}
     objective = seen["objective"]
     try:  # the timings are worth having even if counting fails
         flops, count = counted_step_flops(objective, seen["train"], seen["trainer"])
@@ -440,12 +454,30 @@ def run_child(plan_file: str) -> None:
     if plan["threads"]:
         torch.set_num_threads(plan["threads"])
     start = time.perf_counter()
-    result = SIDE_RUNNERS[plan["side"]](plan)
+    result = SIDE_RUNNERS[plan["side"].split("-", 1)[0] if plan.get("launcher") else plan["side"]](plan)
     result["wall_s"] = time.perf_counter() - start
-    Path(plan["out"]).write_text(json.dumps(result), encoding="utf-8")
+    if int(os.environ.get("RANK", "0")) == 0:  # launched sides: every process has the same reduced numbers
+        Path(plan["out"]).write_text(json.dumps(result), encoding="utf-8")
+    if plan.get("launcher"):
+        from multissl.cli import leave_process_group
+
+        leave_process_group(0)
 
 
 # ----------------------------------------------------------------------------- driver
+def launch_prefix(plan: dict[str, Any]) -> list[str]:
+    """How a side starts: a plain child process, or ``accelerate launch`` with a launcher config
+    (its precision off: the recipe's ``trainer.mixed_precision`` decides, as the configs say)."""
+    if not plan.get("launcher"):
+        return [sys.executable]
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(ROOT / "recipes" / "accelerate" / LAUNCHERS[plan["launcher"]]),
+                "--num_processes", str(plan["processes"]), "--mixed_precision", "no"]
+    if plan["launcher"] == "fsdp2":
+        launcher += ["--fsdp_transformer_layer_cls_to_wrap", LAYER_TO_WRAP[plan["workload"]]]
+    return launcher
+
+
 def run_side(plan: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
     """Start one child; its result, or ``{"error": ...}`` when it failed or ran out of time."""
     tag = f"{plan['workload']}-{plan['side']}"
@@ -456,8 +488,8 @@ def run_side(plan: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]
     env["HF_DATASETS_CACHE"] = str(work / "datasets-cache")
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(plan_file)], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=timeout)
+        proc = subprocess.run([*launch_prefix(plan), __file__, "--child", str(plan_file)], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     finally:
@@ -477,8 +509,8 @@ def summarise(workload: str, sides: dict[str, dict[str, Any]], peak: float | Non
     ours, peer = sides.get("multissl", {}), sides.get(PEERS[workload], {})
     flops = ours.get("flops_per_unit")
     for side in sides.values():
-        if "error" not in side:
-            side["mfu"] = mfu(flops, side["units_per_s"], peak)
+        if "error" not in side:  # a launched side's throughput is its processes' together: MFU per device
+            side["mfu"] = mfu(flops, side["units_per_s"] / side.get("processes", 1), peak)
     ratio = ours["units_per_s"] / peer["units_per_s"] if "units_per_s" in ours and "units_per_s" in peer else None
     return {"unit": UNITS[workload], "flops_per_unit": flops, "flops_source": ours.get("flops_source"),
             "ratio": ratio, "sides": sides}
@@ -532,6 +564,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (always on CUDA)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads a side (0: torch's default)")
     parser.add_argument("--jobs", type=int, default=1, help="sides run at once (CPU smoke runs only: timings interfere)")
+    parser.add_argument("--launchers", nargs="*", choices=LAUNCHERS, default=None,
+                        help="extra multissl sides for mlm and clm under accelerate launch with these configs, on "
+                             "every GPU (2 processes on the CPU); default on CUDA: zero2 fsdp2 for mlm; none on CPU")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a side may take")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_gpu.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, plans, results)")
@@ -563,15 +598,26 @@ def main() -> None:
     print(f"{name}: peak {_fmt(peak and peak / 1e12, '.1f')} TFLOP/s bf16 dense; {steps} steps a side, the first "
           f"{warmup} not timed; bf16 {bf16}, compile {compile_}", flush=True)
 
+    launchers = args.launchers if args.launchers is not None else (["zero2", "fsdp2"] if device == "cuda" else [])
+    launched_workloads = LAUNCHED_WORKLOADS if args.launchers is not None else ("mlm",)
+    processes = torch.cuda.device_count() if device == "cuda" else 2
+    for w in set(args.workloads) & set(launched_workloads) if launchers else ():
+        if shapes[w].batch % processes:
+            parser.error(f"--launchers: the {w} batch of {shapes[w].batch} does not split over {processes} processes; "
+                         f"set --batch {w}=N with N a multiple of {processes}")
+
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     start = time.perf_counter()
     plans = []
     for w in args.workloads:
         data = prepare_data(w, shapes[w], steps, work)
-        for side in ("multissl", PEERS[w]):
+        sides = [("multissl", None), (PEERS[w], None)]
+        sides += [(f"multissl-{name}", name) for name in launchers if w in launched_workloads]
+        for side, launcher in sides:
             plans.append({"workload": w, "side": side, "shape": asdict(shapes[w]), "data": data, "steps": steps,
                           "warmup": warmup, "log_every": log_every, "device": device, "bf16": bf16,
-                          "compile": compile_, "threads": args.threads or None})
+                          "compile": compile_, "threads": args.threads or None, "launcher": launcher,
+                          "processes": processes if launcher else 1})
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         outcomes = list(pool.map(lambda p: run_side(p, work, args.timeout), plans))
     by_workload: dict[str, dict[str, dict[str, Any]]] = {}
