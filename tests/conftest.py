@@ -68,3 +68,15 @@ def assert_resume_is_exact(main: Any, args: list[str], out: Path, steps: int) ->
     key = lambda rs: [(r["step"], round(r.get("train/loss", r.get("eval/loss", 0)), 5)) for r in rs]  # noqa: E731
     assert key(read_jsonl(out / "metrics.jsonl")) == key(rows)
     return resumed
+
+
+@pytest.fixture(scope="session")
+def ddp_mlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MLM under DDP on 2 CPU processes (``tests.test_sharding.MLM``): the run that compiled, sharded
+    and DeepSpeed runs of the same command are held to, step for step. Made once a session."""
+    from tests.test_sharding import MLM, _torchrun
+
+    out = tmp_path_factory.mktemp("ddp_mlm") / "run"
+    proc = _torchrun(MLM, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -30,14 +30,6 @@ def _launch(config: str, args: list[str], *rest: str, timeout: int = 600):  # no
                 "--mixed_precision", "no", *args, *rest], timeout=timeout, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
 
 
-@pytest.fixture(scope="module")
-def ddp_mlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = _torchrun(MLM, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_the_deepspeed_configs_launch_zero_with_bf16(stage: int) -> None:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -90,6 +82,19 @@ def test_mlm_under_zero_trains_as_ddp_does_and_resumes_exactly(stage: int, ddp_m
     assert "resuming from" in again.stdout and "step 3/6" in again.stdout
     for name, tensor in exported.items():
         assert torch.equal(_weights(out)[name], tensor), name
+
+
+def test_mlm_compiled_under_zero2_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Path) -> None:
+    """``trainer.compile=true``: the engine compiles the model it wraps, and stays what the trainer
+    steps through after each evaluation's export; DDP's loss and gradient norm at every step."""
+    out = tmp_path / "ds"
+    proc = _launch("deepspeed_zero2.yaml", MLM, "trainer.compile=true", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = _train_records(ddp_mlm), _train_records(out)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

@@ -49,6 +49,22 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
 
+def test_compiled_mlm_on_two_processes_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Path) -> None:
+    """``trainer.compile=true`` under DDP, with an evaluation (and its export) every 3 steps: the same
+    loss and gradient norm at every step as uncompiled DDP. (Accelerate 1.16's ``unwrap_model`` used
+    to point the compiled wrapper at the bare model in place: the run hung at its next checkpoint.)"""
+    out = tmp_path / "compiled"
+    proc = _torchrun([*MLM, "trainer.compile=true"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = _train_records(ddp_mlm), _train_records(out)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    for name, tensor in _weights(ddp_mlm).items():
+        torch.testing.assert_close(_weights(out)[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _mlm_sharded_matches_ddp(tmp_path: Path, env: dict[str, str], processes: int = 2) -> tuple[Path, Path, str]:
     """MLM under DDP and sharded (``env``) on ``processes``: sharded checkpoints, DDP's loss and
     gradient norm at each of 6 steps, and DDP's export to float rounding. Returns the two output

@@ -403,7 +403,9 @@ class Trainer:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.__class__ = AttributeForwardingDDP
             model.broadcast_buffers = objective.broadcast_buffers
-        if cfg.compile:
+        if cfg.compile and self.deepspeed:  # the engine compiles the model it wraps, in place
+            model.compile()
+        elif cfg.compile:
             model = torch.compile(model)
         self._prepare_auxiliary(objective)
         acc.register_for_checkpointing(_Checkpointed(objective))
@@ -717,8 +719,9 @@ class Trainer:
         """What is exported, probed and described. Under FSDP a collective (every process calls it):
         the main process gets a whole copy, on CPU, rebuilt from every process's shard; the others
         their own sharded model."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        # keep_torch_compile=False: with True, Accelerate 1.16 points the compiled wrapper at the bare
+        # model in place, so training went on past DDP (or DeepSpeed's engine) after the first export
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         if not (self.sharded or self.deepspeed):
             return objective.export(unwrapped)
         if self._whole is None or self._whole[0] != self._updates:  # the same on every process
