@@ -16,6 +16,9 @@ gradients, from fp32 master weights that live partitioned inside its optimizer. 
   (`refuse_step_edits`);
 * the export, online probes and model card read the fp32 master weights, gathered from every
   process (`full_state_dict`) into a `FullReplica`, under ZeRO-2 as under ZeRO-3;
+* DeepSpeed 0.19's engine needs three things the trainer does for it: floating inputs cast to its
+  half precision (`input_dtype`), its own ``training`` flag following ``eval()`` (`follow_train_mode`),
+  and, under ZeRO-3 with ``zero3_init_flag: false``, models built whole (`honour_init_flag`);
 * on CPU processes (gloo) Accelerate 1.16 leaves every DeepSpeed process alone in a world of one;
   `process_group` builds the Accelerator so that they see each other, which is also how the suite
   tests DeepSpeed without a GPU.
