@@ -248,3 +248,23 @@ def test_checkpoints_and_model_are_on_disk_before_they_are_renamed_into_place(
         assert files and all(f in synced for f in files), [f for f in files if f not in synced]
         assert str(tmp) in synced
         assert ("fsync", str(final.parent)) in events[at + 1:], "the rename itself is flushed"
+
+
+def test_compiled_training_matches_eager_and_resumes(tmp_path: Path) -> None:
+    """``compile=True`` on one process: the eager run's losses and weights (no dropout, so the two
+    runs differ only in kernels); a checkpoint written from the compiled model resumes into one, and
+    the exported model is the plain one (no ``_orig_mod.`` in its keys)."""
+    kw = {"dropout": 0.0}
+    eager, toy_e = fit(tmp_path / "eager", kw, max_steps=12, eval_every=6, log_every=1)
+    with pytest.raises(TrainingInterrupted):
+        fit(tmp_path / "compiled", {**kw, "hook": _interrupt_at(5)}, max_steps=12, eval_every=6, log_every=1,
+            compile=True)
+    resumed, toy_c = fit(tmp_path / "compiled", kw, max_steps=12, eval_every=6, log_every=1, compile=True)
+    assert resumed.state.step == 12
+    for pa, pb in zip(toy_e.model.parameters(), toy_c.model.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    losses = lambda out: [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
+    for (sa, la), (sb, lb) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
+        assert sa == sb and lb == pytest.approx(la, rel=1e-5)
+    exported = torch.load(tmp_path / "compiled" / "model" / "toy.pt")
+    assert not any("_orig_mod" in k for k in exported), sorted(exported)[:3]
