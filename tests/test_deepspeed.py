@@ -22,11 +22,11 @@ from tests.toy import Toy
 CONFIGS = ROOT / "recipes" / "accelerate"
 
 
-def _launch(config: str, args: list[str], *rest: str, timeout: int = 600):  # noqa: ANN202 - a CompletedProcess
+def _launch(config: str, args: list[str], *rest: str, timeout: int = 600, processes: int = 2):  # noqa: ANN202
     """``accelerate launch`` as a user types it on a machine without a GPU (nothing sets
     ``ACCELERATE_USE_CPU``), with 2 processes and the launcher's precision off (the trainer's own
     ``trainer.mixed_precision`` decides); it starts them with torchrun."""
-    return run([str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+    return run([str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", str(processes),
                 "--mixed_precision", "no", *args, *rest], timeout=timeout, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
 
 
@@ -82,6 +82,11 @@ def test_mlm_under_zero_trains_as_ddp_does_and_resumes_exactly(stage: int, ddp_m
     assert "resuming from" in again.stdout and "step 3/6" in again.stdout
     for name, tensor in exported.items():
         assert torch.equal(_weights(out)[name], tensor), name
+    if stage == 2:  # one process cannot take two processes' partitions: one line says so, and what to do
+        alone = _launch(config, MLM, f"trainer.output_dir={out}", processes=1)
+        assert alone.returncode != 0
+        assert "ZeRO partitions of 2 processes, and this run has 1" in alone.stderr
+        assert "--num_processes 2" in alone.stderr and "Traceback" not in alone.stderr.split("multissl: error")[0]
 
 
 def test_mlm_compiled_under_zero2_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Path) -> None:

@@ -274,8 +274,10 @@ class Trainer:
         return no_space_error(where, checkpoints[-1] if checkpoints else None)
 
     def _load_checkpoint(self, path: Path) -> TrainerState:
-        self.accelerator.load_state(str(path))
         state = TrainerState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+        if self.deepspeed:
+            zero.refuse_other_world_size(path, len(state.rank_positions), self.accelerator.num_processes)
+        self.accelerator.load_state(str(path))
         rank = self.accelerator.process_index
         if len(state.rank_positions) == self.accelerator.num_processes:  # same process count: own position
             state.epoch, state.batch_in_epoch = state.rank_positions[rank]

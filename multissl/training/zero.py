@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,9 +185,20 @@ def follow_train_mode(engine: nn.Module) -> None:
     engine.eval = lambda: train(False)  # type: ignore[method-assign]
 
 
+def refuse_other_world_size(checkpoint: Path, saved: int, now: int) -> None:
+    """DeepSpeed 0.19 cannot spread a ZeRO checkpoint's partitions over another number of processes;
+    say so, and the ways on, before it fails deep inside ``load_checkpoint``."""
+    if saved and saved != now:
+        raise ConfigError(
+            f"{checkpoint} holds DeepSpeed ZeRO partitions of {saved} processes, and this run has {now}; DeepSpeed "
+            f"cannot spread them over another number: resume with --num_processes {saved} (its zero_to_fp32.py "
+            "rebuilds the checkpoint's whole fp32 weights, for use outside a run)")
+
+
 def layout(accelerator: Any) -> str:
     """The start-up line: which ZeRO stage, over how many processes."""
     stage = zero_stage(accelerator)
     what = {1: "optimizer states", 2: "optimizer states and gradients",
             3: "optimizer states, gradients and weights"}.get(stage, "nothing")
-    return f"DeepSpeed ZeRO-{stage}: {what} partitioned over {accelerator.num_processes} processes"
+    n = accelerator.num_processes
+    return f"DeepSpeed ZeRO-{stage}: {what} partitioned over {n} process{'es' if n != 1 else ''}"
