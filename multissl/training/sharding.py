@@ -121,6 +121,8 @@ def layout(model: nn.Module) -> str:
             shards *= size
     if replicas > 1:
         return f"FSDP2 hybrid sharding: each weight sharded over {shards} processes, replicated {replicas}x"
+    if shards == 1:
+        return "FSDP2: one process, nothing to shard over (each weight whole)"
     return f"FSDP2: each weight sharded over {shards} processes"
 
 
