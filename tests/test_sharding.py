@@ -20,8 +20,8 @@ from tests.test_mae import SMALL as MAE_TINY
 
 BERT_LAYERS = launcher_env("fsdp2_full_shard.yaml")
 """What ``accelerate launch --config_file recipes/accelerate/fsdp2_full_shard.yaml`` gives each
-process (its FSDP part; BertLayer units), handed to torchrun here: on CPU, ``accelerate launch``
-starts several processes only through MPI."""
+process (its FSDP part; BertLayer units), handed to torchrun here, so that a test can change one
+setting (the layer to wrap, the shard size) without a config file of its own."""
 FSDP_ENV = {**BERT_LAYERS, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
 """The same for a model without BertLayers (a ResNet): one FSDP unit, the whole model."""
 MLM = ["recipes/mlm.py", "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_every=3",
@@ -123,6 +123,27 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu_processes(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2: each weight sharded over 2 processes" in proc.stdout
     assert (out / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate launch"])
+def test_two_cpu_processes_meet_without_accelerate_use_cpu(launcher: str, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` and ``accelerate launch`` with the DDP config, on a machine
+    without a GPU and nothing setting ``ACCELERATE_USE_CPU``: one run of 2 processes (each process's
+    data position and RNG state in the checkpoint, 2 x 4 samples a step), not two runs of one that
+    trip over each other's lock on the output folder."""
+    out = tmp_path / "run"
+    start = ([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else
+             [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/ddp_multi_gpu.yaml",
+              "--num_processes", "2", "--mixed_precision", "no"])
+    proc = run([*start, "recipes/mlm.py", "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0",
+                "trainer.progress_bar=false", "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32",
+                "trainer.batch_size=4", f"trainer.output_dir={out}"], timeout=600, OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "step_00000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["seen"]["samples"] == 16 and len(state["rank_positions"]) == 2
+    assert (ckpt / "random_states_1.pkl").is_file()
 
 
 def test_hybrid_sharding_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -> None:

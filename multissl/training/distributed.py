@@ -8,10 +8,18 @@ stand-in rows whose buffers are put back (`kept_buffers`), and the step's row co
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+def launched_on_cpu_only() -> bool:
+    """Several processes (torchrun's ``WORLD_SIZE``) on a machine with no accelerator: they must meet
+    over gloo. Accelerate 1.16 sets that up only when told the run is on CPU (``cpu=True`` or
+    ``ACCELERATE_USE_CPU``); otherwise each process trains alone, in a world of one."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
 def _initialized() -> bool:

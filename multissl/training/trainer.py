@@ -31,7 +31,12 @@ from multissl.metrics import JsonlWriter, Mean, MetricSums, scalar
 from multissl.training import sharding, zero
 from multissl.training.callbacks import Callback, Export
 from multissl.training.config import TrainerConfig
-from multissl.training.distributed import AttributeForwardingDDP, broadcast_module, gather_with_grad
+from multissl.training.distributed import (
+    AttributeForwardingDDP,
+    broadcast_module,
+    gather_with_grad,
+    launched_on_cpu_only,
+)
 from multissl.training.durable import fsync_path, fsync_tree
 from multissl.training.host_malloc import keep_freed_host_memory
 from multissl.training.loader import make_loader
@@ -91,7 +96,8 @@ class Trainer:
                 fsdp_plugin=fsdp_plugin,
                 mixed_precision=cfg.mixed_precision,
                 gradient_accumulation_steps=cfg.grad_accum_steps,
-                **{"cpu": cfg.cpu or fsdp_plugin is not None, **ds_args},  # CPU FSDP: gloo, as torchrun + ACCELERATE_USE_CPU
+                # on CPU processes (FSDP's too): gloo, as under torchrun with ACCELERATE_USE_CPU
+                **{"cpu": cfg.cpu or fsdp_plugin is not None or launched_on_cpu_only(), **ds_args},
                 log_with=trackers or None,
                 project_config=ProjectConfiguration(
                     project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")
