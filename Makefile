@@ -19,7 +19,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/multissl demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ time, peak memory, data-loader share and MFU.
 
     python scripts/bench_gpu.py [--workloads mlm clm wav2vec2 clip] [--smoke] [--out outputs/bench_gpu.json]
                                 [--steps 50] [--warmup 10] [--peak-tflops T] [--no-compile] [--batch clm=8 ...]
+                                [--launchers zero2 zero3 fsdp2] [--sides multissl multissl-zero2 ...]
 
 One command, no network; sized to take at most ~8 minutes on an H100/H200 for all four, most of it
 start-up and ``torch.compile`` (an estimate: it has not run on a GPU yet). ``--smoke`` runs the same
@@ -567,6 +568,8 @@ def main() -> None:
     parser.add_argument("--launchers", nargs="*", choices=LAUNCHERS, default=None,
                         help="extra multissl sides for mlm and clm under accelerate launch with these configs, on "
                              "every GPU (2 processes on the CPU); default on CUDA: zero2 fsdp2 for mlm; none on CPU")
+    parser.add_argument("--sides", nargs="+", metavar="SIDE",
+                        help="run only these sides (multissl, the peers, multissl-<launcher>); default: all")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a side may take")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_gpu.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, plans, results)")
@@ -613,6 +616,7 @@ def main() -> None:
         data = prepare_data(w, shapes[w], steps, work)
         sides = [("multissl", None), (PEERS[w], None)]
         sides += [(f"multissl-{name}", name) for name in launchers if w in launched_workloads]
+        sides = [(side, launcher) for side, launcher in sides if not args.sides or side in args.sides]
         for side, launcher in sides:
             plans.append({"workload": w, "side": side, "shape": asdict(shapes[w]), "data": data, "steps": steps,
                           "warmup": warmup, "log_every": log_every, "device": device, "bf16": bf16,
