@@ -15,6 +15,16 @@ import torch
 from torch import nn
 
 
+def launcher_flag(name: str) -> bool:
+    """A yes/no variable of ``accelerate launch``'s environment (``ACCELERATE_USE_FSDP``, ...)."""
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def on_cpu_processes(cpu: bool) -> bool:
+    """Whether this run's processes are CPU ones: ``trainer.cpu``, ``ACCELERATE_USE_CPU``, or no GPU."""
+    return cpu or launcher_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 def launched_on_cpu_only() -> bool:
     """Several processes (torchrun's ``WORLD_SIZE``) on a machine with no accelerator: they must meet
     over gloo. Accelerate 1.16 sets that up only when told the run is on CPU (``cpu=True`` or

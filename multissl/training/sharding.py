@@ -38,21 +38,21 @@ import torch
 from torch import nn
 
 from multissl.errors import ConfigError
+from multissl.training.distributed import launcher_flag, on_cpu_processes
 
 REFUSED = ("MEGATRON_LM",)
 
 
 def fsdp_requested() -> bool:
     """Whether the launcher's config (``accelerate launch``'s environment) asks for FSDP."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return launcher_flag("ACCELERATE_USE_FSDP")
 
 
 def cpu_fsdp_plugin(cpu: bool) -> Any:
     """The FSDP plugin to hand Accelerate when FSDP is asked for on CPU processes (``cpu``,
     ``ACCELERATE_USE_CPU`` or no GPU); None otherwise: on accelerator devices Accelerate reads the
     launcher's environment itself."""
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    if not (fsdp_requested() and (cpu or forced_cpu or not torch.cuda.is_available())):
+    if not (fsdp_requested() and on_cpu_processes(cpu)):
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 

@@ -37,18 +37,14 @@ import torch
 from torch import nn
 
 from multissl.errors import ConfigError
+from multissl.training.distributed import launcher_flag, on_cpu_processes
 
 _CPU_FLAG = "ACCELERATE_USE_CPU"
 
 
 def deepspeed_requested() -> bool:
     """Whether the launcher's config (``accelerate launch``'s environment) asks for DeepSpeed."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-
-
-def _on_cpu_processes(cpu: bool) -> bool:
-    forced = os.environ.get(_CPU_FLAG, "false").lower() in ("1", "true", "yes")
-    return cpu or forced or not torch.cuda.is_available()
+    return launcher_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 @contextlib.contextmanager
@@ -59,7 +55,7 @@ def process_group(cpu: bool) -> Iterator[dict[str, Any]]:
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("the accelerate config asks for DeepSpeed, which is not installed: "
                           "pip install 'multissl[deepspeed]'")
-    if not (deepspeed_requested() and _on_cpu_processes(cpu)):
+    if not (deepspeed_requested() and on_cpu_processes(cpu)):
         yield {}
         return
     if torch.cuda.is_available():
