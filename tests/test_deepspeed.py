@@ -16,7 +16,7 @@ from multissl.errors import ConfigError
 from multissl.training import zero
 from multissl.training.objective import Objective
 from tests.conftest import BIN, ROOT, run
-from tests.test_sharding import MLM, _torchrun, _train_records, _weights
+from tests.test_sharding import MLM, _torchrun, _weights, same_steps
 from tests.toy import Toy
 
 CONFIGS = ROOT / "recipes" / "accelerate"
@@ -56,11 +56,7 @@ def test_mlm_under_zero_trains_as_ddp_does_and_resumes_exactly(stage: int, ddp_m
     assert f"DeepSpeed ZeRO-{stage}: {partitioned} partitioned over 2 processes" in proc.stdout
     parts = out / "checkpoints" / "step_00000003" / "pytorch_model"
     assert (parts / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file(), "each process wrote its partition"
-    want, got = _train_records(ddp_mlm), _train_records(out)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    same_steps(ddp_mlm, out, 6)
     from multissl.metrics import read_jsonl
 
     evals = lambda o: [(r["step"], r["eval/loss"]) for r in read_jsonl(o / "metrics.jsonl") if "eval/loss" in r]  # noqa: E731
@@ -95,11 +91,7 @@ def test_mlm_compiled_under_zero2_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Pa
     out = tmp_path / "ds"
     proc = _launch("deepspeed_zero2.yaml", MLM, "trainer.compile=true", f"trainer.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    want, got = _train_records(ddp_mlm), _train_records(out)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    same_steps(ddp_mlm, out, 6)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -207,11 +199,7 @@ def test_wav2vec2_and_speech_recognition_under_zero2_train_as_ddp_does(tmp_path:
         proc = _launch("deepspeed_zero2.yaml", [*args, *init], f"trainer.output_dir={ds}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "DeepSpeed ZeRO-2" in proc.stdout
-        want, got = _train_records(ddp), _train_records(ds)
-        assert [r["step"] for r in got] == list(range(1, steps + 1)), name
-        for a, b in zip(want, got, strict=True):
-            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5), name
-            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4), name
+        same_steps(ddp, ds, steps, loss_rel=1e-5, norm_rel=1e-4, what=name)
         evals = {out: [r for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r] for out in (ddp, ds)}
         assert len(evals[ds]) >= 2 and evals[ds][-1]["step"] == steps, name
         for a, b in zip(evals[ddp], evals[ds], strict=True):

@@ -43,6 +43,16 @@ def _train_records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
 
+def same_steps(want: Path, got: Path, steps: int, loss_rel: float = 1e-6, norm_rel: float = 1e-5,
+               what: str = "") -> None:
+    """The run in ``got`` logged steps 1..``steps`` with ``want``'s training loss and gradient norm."""
+    reference, records = _train_records(want), _train_records(got)
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), what
+    for a, b in zip(reference, records, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=loss_rel), (what, b["step"])
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=norm_rel), (what, b["step"])
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -56,11 +66,7 @@ def test_compiled_mlm_on_two_processes_trains_as_ddp_does(ddp_mlm: Path, tmp_pat
     out = tmp_path / "compiled"
     proc = _torchrun([*MLM, "trainer.compile=true"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    want, got = _train_records(ddp_mlm), _train_records(out)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    same_steps(ddp_mlm, out, 6)
     for name, tensor in _weights(ddp_mlm).items():
         torch.testing.assert_close(_weights(out)[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -74,11 +80,7 @@ def _mlm_sharded_matches_ddp(tmp_path: Path, env: dict[str, str], processes: int
         proc = _torchrun(MLM, out, processes, **run_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (fsdp / "checkpoints" / "step_00000003" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(fsdp)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    same_steps(ddp, fsdp, 6)
     exported = _weights(fsdp)
     for name, tensor in _weights(ddp).items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -371,11 +373,7 @@ def _sharded_run_matches_ddp(args: list[str], fsdp_env: dict[str, str], tmp_path
         proc = _torchrun(args, out, **env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (fsdp / "checkpoints" / f"step_{checkpoint:08d}" / "pytorch_model_fsdp_0").is_dir(), "sharded, not replicated"
-    want, got = _train_records(ddp), _train_records(fsdp)
-    assert [r["step"] for r in got] == list(range(1, steps + 1))
-    for a, b in zip(want, got, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    same_steps(ddp, fsdp, steps, loss_rel=1e-5, norm_rel=1e-4)
     return ddp, fsdp
 
 
