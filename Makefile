@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+# Test workers (pytest-xdist): two on CI's two cores, each at one thread (tests/conftest.py); whole
+# files go to one worker, so a session fixture a file shares is made once per worker, not per test.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -19,7 +22,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/multissl demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check .
