@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from multissl.errors import MultiSSLError, TrainingInterrupted
+from multissl.errors import ConfigError, MultiSSLError, TrainingInterrupted
 from multissl.probe import TASKS, ProbeConfig, probe_output
 
 
@@ -43,6 +43,16 @@ def quiet_hub() -> None:
     hub_logging.set_verbosity_error()
 
 
+def launched_rank() -> int:
+    """This process's rank under torchrun or ``accelerate launch`` (0 when started alone). A config
+    error is the same on every process (each reads the same config), so only rank 0 prints it;
+    errors that can be one process's own (its data, its disk) are printed by whoever meets them."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def say_error(line: str) -> None:
     """Write ``line`` and its newline to stderr in one write: under torchrun every process may print
     the same refusal into one pipe, and ``print`` (two writes when stderr is unbuffered, as with
@@ -64,7 +74,8 @@ def run_recipe(main: Callable[[list[str] | None], Any], argv: list[str] | None =
         say_error("multissl: interrupted")
         sys.exit(130)
     except MultiSSLError as err:
-        say_error(f"multissl: error: {err}")
+        if not (isinstance(err, ConfigError) and launched_rank() > 0):
+            say_error(f"multissl: error: {err}")
         leave_process_group(2)
         sys.exit(2)
     leave_process_group(0)

@@ -473,7 +473,8 @@ def launch_prefix(plan: dict[str, Any]) -> list[str]:
         return [sys.executable]
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                 str(ROOT / "recipes" / "accelerate" / LAUNCHERS[plan["launcher"]]),
-                "--num_processes", str(plan["processes"]), "--mixed_precision", "no"]
+                "--num_processes", str(plan["processes"]), "--mixed_precision", "no",
+                "--main_process_port", "0"]  # a free port: another launch on this machine may hold the default
     if plan["launcher"] == "fsdp2":
         launcher += ["--fsdp_transformer_layer_cls_to_wrap", LAYER_TO_WRAP[plan["workload"]]]
     return launcher

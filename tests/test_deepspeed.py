@@ -5,6 +5,7 @@ cannot train as asked is refused before any work, naming why and the way out."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,14 +21,18 @@ from tests.test_sharding import MLM, _torchrun, _weights, same_steps
 from tests.toy import Toy
 
 CONFIGS = ROOT / "recipes" / "accelerate"
+PORT = ["--main_process_port", "0"]
+"""A free port: ``make test`` runs two launches at a time, and both would take accelerate's default."""
 
 
-def _launch(config: str, args: list[str], *rest: str, timeout: int = 600, processes: int = 2):  # noqa: ANN202
+def _launch(config: str, args: list[str], *rest: str, timeout: int = 600, processes: int = 2,  # noqa: ANN202
+            flags: tuple[str, ...] | list[str] = ()):
     """``accelerate launch`` as a user types it on a machine without a GPU (nothing sets
     ``ACCELERATE_USE_CPU``), with 2 processes and the launcher's precision off (the trainer's own
-    ``trainer.mixed_precision`` decides); it starts them with torchrun."""
+    ``trainer.mixed_precision`` decides), plus the launcher ``flags``; it starts them with torchrun."""
     return run([str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", str(processes),
-                "--mixed_precision", "no", *args, *rest], timeout=timeout, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
+                "--mixed_precision", "no", *PORT, *flags, *args, *rest], timeout=timeout, OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU=None)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -85,6 +90,37 @@ def test_mlm_under_zero_trains_as_ddp_does_and_resumes_exactly(stage: int, ddp_m
         assert "--num_processes 2" in alone.stderr and "Traceback" not in alone.stderr.split("multissl: error")[0]
 
 
+
+def test_zero3_with_partitioned_init_trains_exports_whole_and_resumes_exactly(tmp_path: Path) -> None:
+    """``--zero3_init_flag true``, for a model too big to build whole on one process: transformers
+    builds it already partitioned (so its initial weights are not DDP's); it trains, the export is
+    the whole model in fp32 that transformers loads, and a resume from step 3's partitions ends on
+    the weights of the straight run."""
+    out = tmp_path / "ds"
+    launch = lambda: _launch("deepspeed_zero3.yaml", MLM, f"trainer.output_dir={out}",  # noqa: E731
+                             flags=["--zero3_init_flag", "true"])
+    proc = launch()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3: optimizer states, gradients and weights partitioned over 2 processes" in proc.stdout
+    from multissl.metrics import read_jsonl
+
+    losses = [r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    exported = _weights(out)
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(out / "model")
+    whole = dict(model.state_dict())
+    for name, tensor in exported.items():  # every tensor at its full shape, none an empty partition
+        assert tensor.dtype == torch.float32 and tensor.shape == whole[name].shape and tensor.numel() > 0, name
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "model")
+    again = launch()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step 3/6" in again.stdout
+    for name, tensor in exported.items():
+        assert torch.equal(_weights(out)[name], tensor), name
+
 def test_mlm_compiled_under_zero2_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Path) -> None:
     """``trainer.compile=true``: the engine compiles the model it wraps, and stays what the trainer
     steps through after each evaluation's export; DDP's loss and gradient norm at every step."""
@@ -117,6 +153,7 @@ def test_an_objective_that_edits_the_step_is_refused_before_any_work(tmp_path: P
                                             "trainer.max_steps=2"], timeout=300)
     assert proc.returncode != 0
     assert "simclr cannot train under DeepSpeed" in proc.stderr and "fsdp2_full_shard.yaml" in proc.stderr
+    assert proc.stderr.count("simclr cannot train under DeepSpeed") == 1, "said once, by rank 0"
     assert "Traceback" not in proc.stderr.split("simclr cannot train")[0][-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -181,7 +218,7 @@ def test_wav2vec2_and_speech_recognition_under_zero2_train_as_ddp_does(tmp_path:
     CER and WER too: the engine reports evaluation mode to the objective) and DDP's export."""
     from multissl.data.speech_demo import build_speech_corpus
     from multissl.metrics import read_jsonl
-    from tests.test_sharding import SPEECH
+    from tests.test_sharding_recipes import SPEECH
 
     speech = build_speech_corpus(tmp_path / "speech_corpus", 48, seed=0)
     common = [f"data.manifest={speech}", "data.max_seconds=3.0", "data.max_batch_samples=100000",

@@ -66,6 +66,21 @@ def test_compiled_mlm_on_two_processes_trains_as_ddp_does(ddp_mlm: Path, tmp_pat
         torch.testing.assert_close(_weights(out)[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+
+def test_a_resume_on_fewer_processes_goes_on_and_says_what_it_changes(ddp_mlm: Path, tmp_path: Path) -> None:
+    """The 2-process run's step-3 checkpoint resumed by one process: it trains to the end and exports,
+    and says before the first step that the run is no longer the interrupted one (batch per process,
+    data positions), naming both process counts."""
+    out = tmp_path / "run"
+    shutil.copytree(ddp_mlm, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "model")
+    proc = run([str(BIN / "python"), *MLM, f"trainer.output_dir={out}"], timeout=600, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "step 3/6" in proc.stdout
+    assert "was saved by 2 processes and this run has 1" in proc.stdout and "resume on 2 processes" in proc.stdout
+    assert (out / "model" / "model.safetensors").is_file()
+
 def _mlm_sharded_matches_ddp(tmp_path: Path, env: dict[str, str], processes: int = 2) -> tuple[Path, Path, str]:
     """MLM under DDP and sharded (``env``) on ``processes``: sharded checkpoints, DDP's loss and
     gradient norm at each of 6 steps, and DDP's export to float rounding. Returns the two output
@@ -113,8 +128,8 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu_processes(tmp_pat
     ``ACCELERATE_USE_CPU``, instead of each training alone in a world of one."""
     out = tmp_path / "run"
     proc = run([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/fsdp2_full_shard.yaml",
-                "--num_processes", "2", "--mixed_precision", "no", "recipes/mlm.py", "trainer.max_steps=2",
-                "trainer.save_every=2", "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.trackers=[]",
+                "--main_process_port", "0", "--num_processes", "2", "--mixed_precision", "no", "recipes/mlm.py",
+                "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.trackers=[]",
                 "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=4", f"trainer.output_dir={out}"],
                timeout=600, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,7 +146,7 @@ def test_two_cpu_processes_meet_without_accelerate_use_cpu(launcher: str, tmp_pa
     out = tmp_path / "run"
     start = ([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else
              [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/ddp_multi_gpu.yaml",
-              "--num_processes", "2", "--mixed_precision", "no"])
+              "--main_process_port", "0", "--num_processes", "2", "--mixed_precision", "no"])
     proc = run([*start, "recipes/mlm.py", "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0",
                 "trainer.progress_bar=false", "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32",
                 "trainer.batch_size=4", f"trainer.output_dir={out}"], timeout=600, OMP_NUM_THREADS="1",

@@ -70,6 +70,15 @@ class _Checkpointed:
             module.load_state_dict(state["modules"][name])
 
 
+
+def other_world_size_warning(checkpoint: Path, saved: int, now: int) -> str:
+    """What a resume on another number of processes changes: it goes on (the weights, optimizer and
+    schedules load), but ``trainer.batch_size`` is per process and each process kept its own place in
+    its own shard of the data, so from here the run is not the one that was interrupted."""
+    return (f"warning: {checkpoint} was saved by {saved} processes and this run has {now}: training goes on from "
+            f"its step, but each step now takes {now}/{saved} of the samples it did (trainer.batch_size is per "
+            f"process) and the batches differ from an unbroken run's; resume on {saved} processes for an exact one")
+
 class Trainer:
     """``Trainer(cfg, run_config, callbacks).fit(objective, train_data, eval_data)``.
 
@@ -285,8 +294,11 @@ class Trainer:
             zero.refuse_other_world_size(path, len(state.rank_positions), self.accelerator.num_processes)
         self.accelerator.load_state(str(path))
         rank = self.accelerator.process_index
-        if len(state.rank_positions) == self.accelerator.num_processes:  # same process count: own position
+        saved, now = len(state.rank_positions), self.accelerator.num_processes
+        if saved == now:  # same process count: own position
             state.epoch, state.batch_in_epoch = state.rank_positions[rank]
+        elif saved:
+            self.print(other_world_size_warning(path, saved, now))
         return state
 
     # -------------------------------------------------------------------- signals
