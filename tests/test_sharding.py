@@ -120,6 +120,13 @@ def test_mlm_under_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path: Path) -
 
     assert AutoModelForMaskedLM.from_pretrained(fsdp / "model") is not None
     _mlm_resumes_from_the_step_3_shards(fsdp, BERT_LAYERS)
+    # on one process: torch's distributed checkpoint re-shards the two processes' shards on load
+    shutil.rmtree(fsdp / "checkpoints" / "step_00000006")
+    shutil.rmtree(fsdp / "model")
+    alone = _torchrun(MLM, fsdp, 1, **BERT_LAYERS)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "step 3/6" in alone.stdout and "was saved by 2 processes and this run has 1" in alone.stdout
+    assert AutoModelForMaskedLM.from_pretrained(fsdp / "model") is not None
 
 
 def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu_processes(tmp_path: Path) -> None:
