@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # torchrun, multissl and friends of this environment
+FREE_PORT = ["--main_process_port", "0"]
+"""For every ``accelerate launch`` a test starts: a free port, since ``make test`` runs two at a time
+and both would otherwise take accelerate's default."""
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FREE_PORT, ROOT
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
@@ -48,9 +48,9 @@ def launcher_env(name: str, **overrides: str) -> dict[str, str]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    # port 0: a free one, so the launcher's check of its default port cannot meet another test's run
+    # a free port, so the launcher's check of its default port cannot meet another test's run
     args = launch_command_parser().parse_args(["--config_file", str(ROOT / "recipes" / "accelerate" / name),
-                                               "--main_process_port", "0", "x.py"])
+                                               *FREE_PORT, "x.py"])
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
     fsdp = {k: v for k, v in env.items() if k.startswith(("FSDP_", "PARALLELISM_CONFIG_"))
             or k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_PARALLELISM_CONFIG")}

@@ -16,13 +16,11 @@ import torch
 from multissl.errors import ConfigError
 from multissl.training import zero
 from multissl.training.objective import Objective
-from tests.conftest import BIN, ROOT, run
+from tests.conftest import BIN, FREE_PORT, ROOT, run
 from tests.test_sharding import MLM, _torchrun, _weights, same_steps
 from tests.toy import Toy
 
 CONFIGS = ROOT / "recipes" / "accelerate"
-PORT = ["--main_process_port", "0"]
-"""A free port: ``make test`` runs two launches at a time, and both would take accelerate's default."""
 
 
 def _launch(config: str, args: list[str], *rest: str, timeout: int = 600, processes: int = 2,  # noqa: ANN202
@@ -31,7 +29,7 @@ def _launch(config: str, args: list[str], *rest: str, timeout: int = 600, proces
     ``ACCELERATE_USE_CPU``), with 2 processes and the launcher's precision off (the trainer's own
     ``trainer.mixed_precision`` decides), plus the launcher ``flags``; it starts them with torchrun."""
     return run([str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", str(processes),
-                "--mixed_precision", "no", *PORT, *flags, *args, *rest], timeout=timeout, OMP_NUM_THREADS="1",
+                "--mixed_precision", "no", *FREE_PORT, *flags, *args, *rest], timeout=timeout, OMP_NUM_THREADS="1",
                ACCELERATE_USE_CPU=None)
 
 
@@ -90,7 +88,6 @@ def test_mlm_under_zero_trains_as_ddp_does_and_resumes_exactly(stage: int, ddp_m
         assert "--num_processes 2" in alone.stderr and "Traceback" not in alone.stderr.split("multissl: error")[0]
 
 
-
 def test_zero3_with_partitioned_init_trains_exports_whole_and_resumes_exactly(tmp_path: Path) -> None:
     """``--zero3_init_flag true``, for a model too big to build whole on one process: transformers
     builds it already partitioned (so its initial weights are not DDP's); it trains, the export is
@@ -120,6 +117,7 @@ def test_zero3_with_partitioned_init_trains_exports_whole_and_resumes_exactly(tm
     assert "resuming from" in again.stdout and "step 3/6" in again.stdout
     for name, tensor in exported.items():
         assert torch.equal(_weights(out)[name], tensor), name
+
 
 def test_mlm_compiled_under_zero2_trains_as_ddp_does(ddp_mlm: Path, tmp_path: Path) -> None:
     """``trainer.compile=true``: the engine compiles the model it wraps, and stays what the trainer

@@ -13,7 +13,7 @@ import torch
 
 from multissl.errors import ConfigError
 from multissl.training import sharding
-from tests.conftest import BIN, run
+from tests.conftest import BIN, FREE_PORT, run
 from tests.test_accelerate_configs import launcher_env
 
 BERT_LAYERS = launcher_env("fsdp2_full_shard.yaml")
@@ -135,7 +135,7 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu_processes(tmp_pat
     ``ACCELERATE_USE_CPU``, instead of each training alone in a world of one."""
     out = tmp_path / "run"
     proc = run([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/fsdp2_full_shard.yaml",
-                "--main_process_port", "0", "--num_processes", "2", "--mixed_precision", "no", "recipes/mlm.py",
+                *FREE_PORT, "--num_processes", "2", "--mixed_precision", "no", "recipes/mlm.py",
                 "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.trackers=[]",
                 "data.vocab_size=500", "model.hidden_size=32", "trainer.batch_size=4", f"trainer.output_dir={out}"],
                timeout=600, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU=None)
@@ -153,7 +153,7 @@ def test_two_cpu_processes_meet_without_accelerate_use_cpu(launcher: str, tmp_pa
     out = tmp_path / "run"
     start = ([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else
              [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/ddp_multi_gpu.yaml",
-              "--main_process_port", "0", "--num_processes", "2", "--mixed_precision", "no"])
+              *FREE_PORT, "--num_processes", "2", "--mixed_precision", "no"])
     proc = run([*start, "recipes/mlm.py", "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0",
                 "trainer.progress_bar=false", "trainer.trackers=[]", "data.vocab_size=500", "model.hidden_size=32",
                 "trainer.batch_size=4", f"trainer.output_dir={out}"], timeout=600, OMP_NUM_THREADS="1",

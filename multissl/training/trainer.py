@@ -70,7 +70,6 @@ class _Checkpointed:
             module.load_state_dict(state["modules"][name])
 
 
-
 def other_world_size_warning(checkpoint: Path, saved: int, now: int) -> str:
     """What a resume on another number of processes changes: it goes on (the weights, optimizer and
     schedules load), but ``trainer.batch_size`` is per process and each process kept its own place in
@@ -78,6 +77,7 @@ def other_world_size_warning(checkpoint: Path, saved: int, now: int) -> str:
     return (f"warning: {checkpoint} was saved by {saved} processes and this run has {now}: training goes on from "
             f"its step, but each step now takes {now}/{saved} of the samples it did (trainer.batch_size is per "
             f"process) and the batches differ from an unbroken run's; resume on {saved} processes for an exact one")
+
 
 class Trainer:
     """``Trainer(cfg, run_config, callbacks).fit(objective, train_data, eval_data)``.
