@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from multissl.errors import ConfigError
 from multissl.metrics import read_jsonl
@@ -97,7 +98,7 @@ def test_cpu_optimizer_is_fused_and_steps_as_the_per_tensor_loop(optimizer: str)
     opt = build_optimizer(c, groups, torch.device("cpu"))
     assert opt.defaults["fused"] is True
     reference = copy.deepcopy(toy.model)
-    ref_groups = [{**g, "params": [dict(reference.named_parameters())[n] for n, p in toy.model.named_parameters()
+    ref_groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [dict(reference.named_parameters())[n] for n, p in toy.model.named_parameters()
                                    if any(p is q for q in g["params"])]} for g in opt.param_groups]
     accepted = inspect.signature(type(opt)).parameters
     ref_opt = type(opt)(ref_groups, **{k: v for k, v in opt.defaults.items() if k in accepted} | {"fused": False, "foreach": False})
@@ -112,6 +113,33 @@ def test_cpu_optimizer_is_fused_and_steps_as_the_per_tensor_loop(optimizer: str)
     for (name, p), q in zip(toy.model.named_parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     assert all(not torch.equal(p, q) for p, q in zip(toy.model.parameters(), start.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
+def test_a_parameter_whose_gradients_start_late_steps_as_the_per_tensor_loop(optimizer: str) -> None:
+    """DINO's last layer has no gradient in the first epoch and then joins its group. torch's fused SGD
+    with momentum failed on that step (a group mixing parameters with and without a momentum buffer);
+    every optimizer now steps it as the per-tensor loop does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    reference = copy.deepcopy(model)
+    c = TrainerConfig(optimizer=optimizer, lr=0.05, weight_decay=0.04, momentum=0.9, max_steps=6)
+    opt = build_optimizer(c, torch_groups([ParamGroup(list(model.parameters()))], model), torch.device("cpu"))
+    ref_groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [dict(reference.named_parameters())[n] for n, p in model.named_parameters()
+                                   if any(p is q for q in g["params"])]} for g in opt.param_groups]
+    accepted = inspect.signature(type(opt)).parameters
+    unfused = {"fused": False, "foreach": False} if optimizer != "lars" else {}
+    ref_opt = type(opt)(ref_groups, **{k: v for k, v in opt.defaults.items() if k in accepted} | unfused)
+    for step in range(6):
+        x = torch.randn(8, 8)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            if step < 3:
+                m[2].weight.grad = None
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_weight_decay_schedule_is_logged_beside_the_lr(tmp_path: Path) -> None:

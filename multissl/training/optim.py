@@ -49,6 +49,22 @@ def fused_kernels_on(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
+def late_momentum_buffers(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """A step pre-hook for fused SGD: give a parameter whose first gradient comes later than the
+    others' a zero momentum buffer. torch's fused kernel takes a group's step as the first only when no
+    parameter has a buffer yet, and fails (``expected Tensor ... but got NoneType``) on a group that
+    mixes both, as DINO's last layer does when it joins after its frozen first epoch. With no
+    dampening, a zero buffer gives the update torch's per-tensor loop makes: the gradient itself."""
+    for group in optimizer.param_groups:
+        if not group.get("fused") or group["momentum"] == 0 or group["dampening"] != 0:
+            continue
+        stepped = [p for p in group["params"] if p.grad is not None]
+        if any(optimizer.state[p].get("momentum_buffer") is not None for p in stepped):
+            for p in stepped:
+                if optimizer.state[p].get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+
 def build_optimizer(cfg: TrainerConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     """AdamW, SGD with momentum (both fused where torch has the kernels: CPU and GPU), or timm's LARS;
     lr and weight decay are set per step."""
@@ -58,7 +74,9 @@ def build_optimizer(cfg: TrainerConfig, groups: list[dict[str, Any]], device: to
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+        sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+        sgd.register_step_pre_hook(late_momentum_buffers)
+        return sgd
     from timm.optim import Lars
 
     # timm's Lars adapts only groups with weight decay, so biases and norms keep plain SGD steps
