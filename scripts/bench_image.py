@@ -36,8 +36,9 @@ The same on both sides (the lightly side reads every value from our recipe's res
 * the losses' settings: NT-Xent temperature 0.5; DINO student temperature 0.1, teacher 0.04 ->
   0.07 linearly over 30% of the steps, centre momentum 0.9, the student's last layer frozen for
   the first epoch;
-* batch size, steps, AdamW (lr, betas, eps; weight decay on matrices only: lightly's
-  ``get_weight_decay_parameters`` makes the same split, checked), the lr schedule (linear warm-up
+* batch size, steps, the preset's optimizer (AdamW: lr, betas, eps; SGD: lr, momentum; weight
+  decay on matrices only: lightly's ``get_weight_decay_parameters`` makes the same split,
+  checked), the lr schedule (linear warm-up
   of 5% of the steps, then cosine to 0; lightly's ``cosine_warmup_schedule`` with ``max_steps =
   steps + 1`` is ours exactly), the EMA momentum (0.99 -> 1 along a cosine, per step), DINO's
   weight decay 1e-4 -> 0.04 (cosine, per step) and gradient clipping at 3. Every schedule is
@@ -55,9 +56,10 @@ What differs, and why:
   forward). Same losses, other batch-norm batches: that is each library's design, measured as is;
 * SimCLR's head: lightly's ``SimCLRProjectionHead`` has a batch norm on its output and no bias on
   its last linear layer; ours is Linear-BN-ReLU-Linear (the paper's v1 head). Same widths;
-* BYOL's loss: ours is ``2 x (2 - 2 cos)`` summed over both directions, lightly's example
-  ``0.5 x (-cos - cos)``: the gradient differs by a factor 4, which AdamW normalises away (but for
-  its eps);
+* BYOL's loss: ours is the paper's ``2 - 2 cos`` summed over both directions, lightly's example
+  ``0.5 x (-cos - cos)``, whose gradient is 4 times smaller; lightly's side here scales its
+  example's loss to ours (``4 + 2 x (-cos - cos)``), so SGD (the BYOL preset's optimizer, with
+  momentum and coupled weight decay, as torch's ``SGD``) takes the same steps on both sides;
 * DINO's teacher head: lightly's example builds it as a second, randomly initialised
   ``DINOProjectionHead`` (a weight-normalised module cannot be deep-copied); here the student
   head's weights are loaded into it, so the teacher starts as a copy of the student on both sides
@@ -352,9 +354,12 @@ def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
     decay, no_decay = [p for p in decay if p.requires_grad], [p for p in no_decay if p.requires_grad]
     if any(p.ndim < 2 for p in decay) or any(p.ndim >= 2 for p in no_decay):
         sys.exit("lightly's weight-decay split differs from ours (matrices decayed, vectors not)")
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"])
+    groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if t["optimizer"] == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"],
+                                                           nesterov=t["nesterov"])
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"])
     params = decay + no_decay
     steps, warmup, per_epoch = plan["steps"], plan["warmup"], len(dataloader)
     momentum = cfg["model"].get("momentum")
@@ -383,7 +388,8 @@ def _train_lightly(plan: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
                 x0, x1 = views
                 p0, z0 = model(x0), model.forward_momentum(x0)
                 p1, z1 = model(x1), model.forward_momentum(x1)
-                loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+                # at our (the paper's) scale, 2 x (2 - 2 cos): the same gradients, which SGD needs
+                loss = 4 + 2 * (criterion(p0, z1) + criterion(p1, z0))
             else:
                 teacher_out = [model.forward_teacher(view) for view in views[:2]]
                 student_out = [model(view) for view in views]
@@ -476,8 +482,8 @@ def check_lightly_can_match(method: str, cfg: Any) -> None:
     """Stop unless lightly's heads, transforms and loop can express our resolved config."""
     a, t = cfg.augment, cfg.trainer
     problems = []
-    if t.optimizer != "adamw" or t.lr_schedule != "cosine" or t.grad_accum_steps != 1:
-        problems.append("the bench drives AdamW with a cosine schedule and no gradient accumulation")
+    if t.optimizer not in ("adamw", "sgd") or t.lr_schedule != "cosine" or t.grad_accum_steps != 1:
+        problems.append("the bench drives AdamW or SGD with a cosine schedule and no gradient accumulation")
     if a.scale[1] != 1.0 and method != "dino":
         problems.append(f"lightly's {method} transform crops up to the whole image (augment.scale max 1)")
     if method == "simclr" and (a.solarize or a.view(1) != a):

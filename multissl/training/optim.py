@@ -12,6 +12,11 @@ from multissl.training.config import TrainerConfig
 from multissl.training.objective import ParamGroup
 from multissl.training.schedules import cosine_schedule, lr_factor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed: nothing is sharded
+    DTensor = ()  # type: ignore[assignment,misc]
+
 
 def torch_groups(groups: list[ParamGroup], model: nn.Module) -> list[dict[str, Any]]:
     """Each objective group split into matrices (decayed) and vectors (biases, norms: never decayed).
@@ -49,14 +54,23 @@ def fused_kernels_on(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
-def late_momentum_buffers(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """A step pre-hook for fused SGD: give a parameter whose first gradient comes later than the
-    others' a zero momentum buffer. torch's fused kernel takes a group's step as the first only when no
-    parameter has a buffer yet, and fails (``expected Tensor ... but got NoneType``) on a group that
-    mixes both, as DINO's last layer does when it joins after its frozen first epoch. With no
-    dampening, a zero buffer gives the update torch's per-tensor loop makes: the gradient itself."""
+def fused_sgd_fixes(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """A step pre-hook for torch's fused SGD, for two cases its kernel cannot take.
+
+    * Sharded parameters (FSDP2's DTensors): torch 2.11 has no sharding rule for ``_fused_sgd_``, so
+      such a group steps with the per-tensor kernels instead (the same update; AdamW's fused kernel
+      has a rule).
+    * A parameter whose first gradient comes later than the others' (DINO's last layer after its
+      frozen epoch): the kernel takes a group's step as the first only when no parameter has a
+      momentum buffer yet, and fails on a group that mixes both. The late one gets a zero buffer
+      first: with no dampening, the update torch's per-tensor loop makes (the gradient itself)."""
     for group in optimizer.param_groups:
-        if not group.get("fused") or group["momentum"] == 0 or group["dampening"] != 0:
+        if not group.get("fused"):
+            continue
+        if any(isinstance(p, DTensor) for p in group["params"]):
+            group["fused"] = False
+            continue
+        if group["momentum"] == 0 or group["dampening"] != 0:
             continue
         stepped = [p for p in group["params"] if p.grad is not None]
         if any(optimizer.state[p].get("momentum_buffer") is not None for p in stepped):
@@ -75,7 +89,7 @@ def build_optimizer(cfg: TrainerConfig, groups: list[dict[str, Any]], device: to
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
     if cfg.optimizer == "sgd":
         sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
-        sgd.register_step_pre_hook(late_momentum_buffers)
+        sgd.register_step_pre_hook(fused_sgd_fixes)
         return sgd
     from timm.optim import Lars
 
