@@ -38,9 +38,8 @@ The same on both sides (the lightly side reads every value from our recipe's res
   the first epoch;
 * batch size, steps, the preset's optimizer (AdamW: lr, betas, eps; SGD: lr, momentum; weight
   decay on matrices only: lightly's ``get_weight_decay_parameters`` makes the same split,
-  checked), the lr schedule (linear warm-up
-  of 5% of the steps, then cosine to 0; lightly's ``cosine_warmup_schedule`` with ``max_steps =
-  steps + 1`` is ours exactly), the EMA momentum (0.99 -> 1 along a cosine, per step), DINO's
+  checked), the lr schedule (linear warm-up of 5% of the steps, then cosine to 0; lightly's
+  ``cosine_warmup_schedule`` with ``max_steps = steps + 1`` is ours exactly), the EMA momentum (0.99 -> 1 along a cosine, per step), DINO's
   weight decay 1e-4 -> 0.04 (cosine, per step) and gradient clipping at 3. Every schedule is
   checked equal step by step, and each child records the lr and weight decay it actually stepped
   with; the parent compares them;

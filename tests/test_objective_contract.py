@@ -87,6 +87,20 @@ def test_schedules_set_lr_and_weight_decay_per_group() -> None:
     assert cosine_schedule(5, 11, 0.04, 0.4) == pytest.approx(0.22)
 
 
+def _per_tensor_reference(opt: torch.optim.Optimizer, model: nn.Module,
+                          reference: nn.Module) -> torch.optim.Optimizer:
+    """``opt``'s class and settings over ``reference`` (a copy of ``model``), with torch's per-tensor
+    loop: the groups' own ``fused``/``foreach`` (copied from ``opt``'s) are dropped so they cannot
+    override it. LARS has no fused kernel and steps as it is."""
+    by_name = dict(reference.named_parameters())
+    groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")},
+               "params": [by_name[n] for n, p in model.named_parameters() if any(p is q for q in g["params"])]}
+              for g in opt.param_groups]
+    accepted = inspect.signature(type(opt)).parameters
+    unfused = {"fused": False, "foreach": False} if "fused" in accepted else {}
+    return type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted} | unfused)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_cpu_optimizer_is_fused_and_steps_as_the_per_tensor_loop(optimizer: str) -> None:
     """The fused CPU kernels (much faster on small tensors) give the per-tensor loop's updates, with each
@@ -98,10 +112,7 @@ def test_cpu_optimizer_is_fused_and_steps_as_the_per_tensor_loop(optimizer: str)
     opt = build_optimizer(c, groups, torch.device("cpu"))
     assert opt.defaults["fused"] is True
     reference = copy.deepcopy(toy.model)
-    ref_groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [dict(reference.named_parameters())[n] for n, p in toy.model.named_parameters()
-                                   if any(p is q for q in g["params"])]} for g in opt.param_groups]
-    accepted = inspect.signature(type(opt)).parameters
-    ref_opt = type(opt)(ref_groups, **{k: v for k, v in opt.defaults.items() if k in accepted} | {"fused": False, "foreach": False})
+    ref_opt = _per_tensor_reference(opt, toy.model, reference)
     torch.manual_seed(0)
     for step in range(6):
         x = torch.randn(8, 8)
@@ -119,17 +130,14 @@ def test_cpu_optimizer_is_fused_and_steps_as_the_per_tensor_loop(optimizer: str)
 def test_a_parameter_whose_gradients_start_late_steps_as_the_per_tensor_loop(optimizer: str) -> None:
     """DINO's last layer has no gradient in the first epoch and then joins its group. torch's fused SGD
     with momentum failed on that step (a group mixing parameters with and without a momentum buffer);
-    every optimizer now steps it as the per-tensor loop does."""
+    AdamW and SGD now step it as their per-tensor loop does (LARS, with no fused kernel, must take the
+    step at all)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     reference = copy.deepcopy(model)
     c = TrainerConfig(optimizer=optimizer, lr=0.05, weight_decay=0.04, momentum=0.9, max_steps=6)
     opt = build_optimizer(c, torch_groups([ParamGroup(list(model.parameters()))], model), torch.device("cpu"))
-    ref_groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [dict(reference.named_parameters())[n] for n, p in model.named_parameters()
-                                   if any(p is q for q in g["params"])]} for g in opt.param_groups]
-    accepted = inspect.signature(type(opt)).parameters
-    unfused = {"fused": False, "foreach": False} if optimizer != "lars" else {}
-    ref_opt = type(opt)(ref_groups, **{k: v for k, v in opt.defaults.items() if k in accepted} | unfused)
+    ref_opt = _per_tensor_reference(opt, model, reference)
     for step in range(6):
         x = torch.randn(8, 8)
         for m, o in ((model, opt), (reference, ref_opt)):
