@@ -191,6 +191,56 @@ def test_collapse_warning_fires_after_warmup_and_patience() -> None:
     assert objective.on_log({"embedding_std": 0.8}, step=13, warmup_steps=10) is None
 
 
+def test_dinos_head_batch_norm_spreads_outputs_that_share_one_direction() -> None:
+    """What made the tiny DINO preset collapse: a ResNet's pooled post-ReLU features share most of
+    their direction (cosine about 0.9 between digits at init), the plain head passes that on, and
+    every output points one way, so the centred teacher is uniform. The batch norm removes it."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.rand(1, 64, generator=g) * 3
+    features = (shared + 0.3 * torch.randn(256, 64, generator=g)).relu()
+
+    def output_cosine(head: DINOHead) -> float:
+        head.train()
+        z = torch.nn.functional.normalize(head.mlp(features), dim=-1)
+        return float((z @ z.T).mean())
+
+    torch.manual_seed(0)
+    plain = DINOHead(64, out_dim=128, hidden=128, bottleneck=32)
+    torch.manual_seed(0)
+    normed = DINOHead(64, out_dim=128, hidden=128, bottleneck=32, batch_norm=True)
+    assert [type(m).__name__ for m in normed.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d",
+                                                      "GELU", "Linear"]
+    with torch.no_grad():
+        assert output_cosine(plain) > 0.9
+        assert output_cosine(normed) < 0.2
+
+
+def test_dino_warns_when_its_teacher_turns_uniform() -> None:
+    from multissl.errors import ConfigError
+    from multissl.objectives import dino
+    from multissl.objectives.joint_embedding import CollapseConfig
+
+    def objective(collapse: CollapseConfig) -> dino.DINO:
+        head = dino.DINOHeadConfig(out_dim=64, hidden=16, bottleneck=8)
+        return dino.DINO(dino.DINOModelConfig(head=head), dino.DINOLossConfig(), dino.LocalCropsConfig(count=0),
+                         augment=AugmentConfig(size=16), collapse=collapse)
+
+    watched = objective(CollapseConfig(patience=2))
+    uniform = {"teacher_entropy": math.log(64) - 0.01, "embedding_std": 0.5}
+    peaked = {"teacher_entropy": 2.0, "embedding_std": 0.5}
+    assert watched.on_log(uniform, step=5, warmup_steps=10) is None, "not during warm-up"
+    assert watched.on_log(uniform, step=11, warmup_steps=10) is None, "not before its patience"
+    warning = watched.on_log(uniform, step=12, warmup_steps=10)
+    assert warning and "uniform" in warning and "model.head.batch_norm=true" in warning and "4.16" in warning
+    assert watched.on_log(uniform, step=13, warmup_steps=10) is None, "once per patience window"
+    assert watched.on_log(peaked, step=14, warmup_steps=10) is None
+    assert watched.on_log(uniform, step=15, warmup_steps=10) is None, "a peaked log restarts the count"
+    quiet = objective(CollapseConfig(patience=1, max_entropy_share=0.0))
+    assert quiet.on_log(uniform, step=20, warmup_steps=10) is None, "0 turns it off"
+    with pytest.raises(ConfigError, match="max_entropy_share"):
+        CollapseConfig(max_entropy_share=1.5)
+
+
 def test_second_view_overrides_blur_and_solarize_only() -> None:
     cfg = AugmentConfig(blur=1.0, second_view_blur=0.1, second_view_solarize=0.2)
     assert (cfg.view(0).blur, cfg.view(0).solarize) == (1.0, 0.0)

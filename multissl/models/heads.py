@@ -36,12 +36,15 @@ class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021): a GELU MLP to a bottleneck, L2 normalisation, and
     a weight-normalised linear layer to ``out_dim`` prototypes whose norms stay fixed at 1 (the
     paper's ``norm_last_layer``, which it found steadier), written as a normalised weight instead
-    of a weight-norm parametrisation so EMA copies and checkpoints see one plain tensor."""
+    of a weight-norm parametrisation so EMA copies and checkpoints see one plain tensor.
+    ``batch_norm`` puts a BatchNorm after each hidden layer (the authors' ``use_bn_in_head``): it
+    removes what every image of a batch shares, which a ResNet's pooled post-ReLU features carry in
+    bulk and which, unremoved, lets every output point one way (see `DINOHeadConfig.batch_norm`)."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
-                 layers: int = 3) -> None:
+                 layers: int = 3, batch_norm: bool = False) -> None:
         super().__init__()
-        self.mlp = mlp([in_dim, *[hidden] * (layers - 1), bottleneck], batch_norm=False, activation=nn.GELU)
+        self.mlp = mlp([in_dim, *[hidden] * (layers - 1), bottleneck], batch_norm=batch_norm, activation=nn.GELU)
         self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):

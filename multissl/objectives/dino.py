@@ -11,6 +11,7 @@ Local crops are smaller than global ones: a ViT backbone needs ``model.backbone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ class DINOHeadConfig:
     hidden: int = 2048
     bottleneck: int = 256
     layers: int = 3
+    batch_norm: bool = False
+    """A BatchNorm after each hidden layer of the head (the authors' ``use_bn_in_head``). A ResNet's
+    pooled features are non-negative and share most of their direction from image to image; without
+    it the head passes that shared part on, every output points the same way, and the centred
+    teacher turns uniform within tens of steps (DINO's uniform collapse): the tiny preset's ResNet needs it."""
 
     def __post_init__(self) -> None:
         if min(self.out_dim, self.hidden, self.bottleneck) < 1 or self.layers < 1:
@@ -108,10 +114,12 @@ class DINO(JointEmbedding):
         self.momentum = model.momentum
         self.center = Center(model.head.out_dim)
         self.step, self.warmup_steps, self.freeze_steps = 0, 0, 0
+        self._uniform_logs = 0
 
     def build_model(self, backbone: nn.Module) -> JointEmbeddingModel:
         h = self.model_cfg.head
-        return JointEmbeddingModel(backbone, DINOHead(feature_width(backbone), h.out_dim, h.hidden, h.bottleneck, h.layers))
+        return JointEmbeddingModel(backbone, DINOHead(feature_width(backbone), h.out_dim, h.hidden, h.bottleneck, h.layers,
+                                                            h.batch_norm))
 
     def view_transforms(self) -> list[Any]:
         return [*super().view_transforms(), *[view_transform(self.local.augment)] * self.local.count]
@@ -159,6 +167,24 @@ class DINO(JointEmbedding):
         super().on_step_end(step)
         self.step = step
         return {"teacher_temperature": self.teacher_temperature()}
+
+    def on_log(self, metrics: dict[str, float], step: int, warmup_steps: int) -> str | None:
+        """The base class's warning, and one for DINO's own failure: a teacher whose centred targets
+        are uniform (entropy near ln(out_dim)). The backbone's features can look spread out then,
+        but the loss sits at ln(out_dim) and teaches nothing."""
+        warnings = [super().on_log(metrics, step, warmup_steps)]
+        entropy, share = metrics.get("teacher_entropy"), self.collapse.max_entropy_share
+        if entropy is not None and step > warmup_steps and share > 0:
+            ceiling = math.log(self.model_cfg.head.out_dim)
+            self._uniform_logs = self._uniform_logs + 1 if entropy > share * ceiling else 0
+            if self._uniform_logs >= self.collapse.patience:
+                self._uniform_logs = 0  # once per patience window
+                warnings.append(
+                    f"step {step}: the dino teacher's targets are uniform: entropy {entropy:.2f} of at most "
+                    f"ln({self.model_cfg.head.out_dim}) = {ceiling:.2f}, so the loss teaches nothing; on a ResNet "
+                    f"set model.head.batch_norm=true, else lower trainer.lr, raise model.momentum.base, or lower "
+                    f"loss.teacher_temperature_final")
+        return " Also: ".join(w for w in warnings if w) or None
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "step": self.step}

@@ -52,10 +52,15 @@ class CollapseConfig:
     """Warn when the normalised features' std x sqrt(dim) stays below this (0 = warning off)."""
     patience: int = 3
     """...for this many consecutive log intervals after warm-up."""
+    max_entropy_share: float = 0.97
+    """DINO: warn when the teacher's entropy stays above this share of its maximum, ln(out_dim): its
+    targets are then uniform, whatever the backbone's std says (0 = warning off)."""
 
     def __post_init__(self) -> None:
         if self.min_std < 0 or self.patience < 1:
             raise ConfigError("collapse.min_std must be >= 0 and collapse.patience >= 1")
+        if not 0 <= self.max_entropy_share <= 1:
+            raise ConfigError(f"collapse.max_entropy_share must be in [0, 1], got {self.max_entropy_share}")
 
 
 @dataclass
