@@ -32,14 +32,15 @@ The same on both sides (the lightly side reads every value from our recipe's res
   view, no blur; DINO: 2 global crops of 32 px at scale 0.4-1 + 4 local crops of 16 px at
   0.1-0.4), mapped onto lightly's transform parameters (the bench stops if a value cannot be);
 * head widths (the tiny presets': SimCLR 128-256-64; BYOL projector 128-256-64 and predictor
-  64-256-64; DINO 128-256-256-64 -> 1024 prototypes, weight-normalised last layer with unit norms);
-* the losses' settings: NT-Xent temperature 0.5; DINO student temperature 0.1, teacher 0.04 ->
-  0.07 linearly over 30% of the steps, centre momentum 0.9, the student's last layer frozen for
-  the first epoch;
+  64-256-64; DINO 128-256-256-64 -> 1024 prototypes, batch norm after the hidden layers, weight-normalised
+  last layer with unit norms);
+* the losses' settings: NT-Xent temperature 0.5; DINO student temperature 0.1, teacher 0.04 (the
+  preset holds it; lightly's linear warm-up is flat then), centre momentum 0.9, the student's last
+  layer frozen for the first epoch;
 * batch size, steps, the preset's optimizer (AdamW: lr, betas, eps; SGD: lr, momentum; weight
   decay on matrices only: lightly's ``get_weight_decay_parameters`` makes the same split,
   checked), the lr schedule (linear warm-up of 5% of the steps, then cosine to 0; lightly's
-  ``cosine_warmup_schedule`` with ``max_steps = steps + 1`` is ours exactly), the EMA momentum (0.99 -> 1 along a cosine, per step), DINO's
+  ``cosine_warmup_schedule`` with ``max_steps = steps + 1`` is ours exactly), the EMA momentum (BYOL 0.99, DINO 0.996 -> 1 along a cosine, per step), DINO's
   weight decay 1e-4 -> 0.04 (cosine, per step) and gradient clipping at 3. Every schedule is
   checked equal step by step, and each child records the lr and weight decay it actually stepped
   with; the parent compares them;
@@ -228,15 +229,16 @@ class LightlyDINO(nn.Module):
     teacher head gets the student head's initial weights (lightly's example leaves it random)."""
 
     def __init__(self, backbone: nn.Module, in_dim: int, hidden: int, bottleneck: int, out_dim: int,
-                 freeze_last_layer: int) -> None:
+                 freeze_last_layer: int, batch_norm: bool = False) -> None:
         from lightly.models.modules import DINOProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
         super().__init__()
         self.student_backbone = backbone
-        self.student_head = DINOProjectionHead(in_dim, hidden, bottleneck, out_dim, freeze_last_layer=freeze_last_layer)
+        self.student_head = DINOProjectionHead(in_dim, hidden, bottleneck, out_dim, batch_norm=batch_norm,
+                                               freeze_last_layer=freeze_last_layer)
         self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = DINOProjectionHead(in_dim, hidden, bottleneck, out_dim)
+        self.teacher_head = DINOProjectionHead(in_dim, hidden, bottleneck, out_dim, batch_norm=batch_norm)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
@@ -302,7 +304,8 @@ def _lightly_model(plan: dict[str, Any], backbone: nn.Module) -> nn.Module:
         return LightlyBYOL(backbone, width, (m["projector"]["hidden"][0], m["projector"]["out"]),
                            (m["predictor"]["hidden"][0], m["predictor"]["out"]))
     h = m["head"]
-    return LightlyDINO(backbone, width, h["hidden"], h["bottleneck"], h["out_dim"], int(m["freeze_last_layer_epochs"]))
+    return LightlyDINO(backbone, width, h["hidden"], h["bottleneck"], h["out_dim"], int(m["freeze_last_layer_epochs"]),
+                       bool(h.get("batch_norm", False)))
 
 
 def _lightly_criterion(plan: dict[str, Any]) -> nn.Module:
