@@ -305,7 +305,7 @@ def _lightly_model(plan: dict[str, Any], backbone: nn.Module) -> nn.Module:
                            (m["predictor"]["hidden"][0], m["predictor"]["out"]))
     h = m["head"]
     return LightlyDINO(backbone, width, h["hidden"], h["bottleneck"], h["out_dim"], int(m["freeze_last_layer_epochs"]),
-                       bool(h.get("batch_norm", False)))
+                       h["batch_norm"])
 
 
 def _lightly_criterion(plan: dict[str, Any]) -> nn.Module:

@@ -94,14 +94,15 @@ def random_init(seed: int) -> list[dict[str, Any]]:
 
     images = torch.stack([objective.eval_tf(Image.open(p).convert("RGB")) for p in paths])
     cfg = ProbeConfig(task="digits")
-    rows = []
-    for arm in ("random init, BN as initialised", "random init, BN re-estimated"):
-        if arm.endswith("re-estimated"):
-            reestimate_batch_norm(backbone, images)
+
+    def probed(arm: str) -> dict[str, Any]:
         metrics, _ = probe_encoder(backbone, "image",
                                    lambda xs: objective.features(objective.model, xs, cfg.batch_size), cfg)
-        rows.append({"arm": arm, "seed": seed, **{k: metrics[k] for k in (*METRICS, "chance")}})
-    return rows
+        return {"arm": arm, "seed": seed, **{k: metrics[k] for k in (*METRICS, "chance")}}
+
+    as_initialised = probed("random init, BN as initialised")
+    reestimate_batch_norm(backbone, images)
+    return [as_initialised, probed("random init, BN re-estimated")]
 
 
 def raw_pixels() -> dict[str, Any]:

@@ -118,8 +118,8 @@ class DINO(JointEmbedding):
 
     def build_model(self, backbone: nn.Module) -> JointEmbeddingModel:
         h = self.model_cfg.head
-        return JointEmbeddingModel(backbone, DINOHead(feature_width(backbone), h.out_dim, h.hidden, h.bottleneck, h.layers,
-                                                            h.batch_norm))
+        head = DINOHead(feature_width(backbone), h.out_dim, h.hidden, h.bottleneck, h.layers, h.batch_norm)
+        return JointEmbeddingModel(backbone, head)
 
     def view_transforms(self) -> list[Any]:
         return [*super().view_transforms(), *[view_transform(self.local.augment)] * self.local.count]
